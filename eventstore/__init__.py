@@ -1,0 +1,1 @@
+"""The log: events, codec, append (dedup, expected seq), read, subscribe, retention."""

@@ -1,0 +1,105 @@
+"""Encoding of events: msgpack for storage, JSON lines for export, upcasting of old versions.
+
+Encoders and decoders are module-level singletons (creating them is the expensive part).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+
+from eventstore.errors import DecodeError
+from eventstore.events import SCHEMA_VERSION, Envelope
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+#: ``UPCASTERS[n]`` turns the raw mapping of a version ``n`` envelope into version ``n + 1``.
+UPCASTERS: Final[dict[int, Upcaster]] = {}
+
+_MSGPACK_ENCODER: Final = msgspec.msgpack.Encoder()
+_MSGPACK_DECODER: Final = msgspec.msgpack.Decoder(Envelope)
+_MSGPACK_RAW_DECODER: Final = msgspec.msgpack.Decoder(dict[str, Any])
+_JSON_ENCODER: Final = msgspec.json.Encoder()
+_JSON_DECODER: Final = msgspec.json.Decoder(Envelope)
+_JSON_RAW_DECODER: Final = msgspec.json.Decoder(dict[str, Any])
+
+
+def encode(envelope: Envelope) -> bytes:
+    """The msgpack bytes stored in the log."""
+    return _MSGPACK_ENCODER.encode(envelope)
+
+
+def encode_value(value: Any) -> bytes:
+    """msgpack bytes of any msgspec-encodable value (snapshots, timer payloads)."""
+    return _MSGPACK_ENCODER.encode(value)
+
+
+def _upcast(raw: dict[str, Any], where: str) -> Envelope:
+    version = raw.get("v", 1)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise DecodeError(f"{where}: unsupported event schema version {version!r}")
+    while version < SCHEMA_VERSION:
+        upcaster = UPCASTERS.get(version)
+        if upcaster is None:
+            raise DecodeError(f"{where}: no upcaster from schema version {version}")
+        raw = upcaster(raw)
+        version += 1
+        raw["v"] = version
+    try:
+        return msgspec.convert(raw, Envelope)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(f"{where}: {exc}") from exc
+
+
+def decode(data: bytes, *, seq: int = 0, where: str = "event") -> Envelope:
+    """Decode stored msgpack bytes; ``seq`` (kept beside the bytes) is filled in when given.
+
+    Raises :class:`DecodeError` naming ``where`` for bytes that are not a flowlog event.
+    """
+    try:
+        envelope = _MSGPACK_DECODER.decode(data)
+    except msgspec.DecodeError as exc:
+        try:
+            raw = _MSGPACK_RAW_DECODER.decode(data)
+        except msgspec.DecodeError:
+            raise DecodeError(f"{where}: not a flowlog event ({exc})") from exc
+        envelope = _upcast(raw, where)
+    if envelope.v != SCHEMA_VERSION:
+        envelope = _upcast(_MSGPACK_RAW_DECODER.decode(data), where)
+    if seq:
+        envelope = msgspec.structs.replace(envelope, seq=seq)
+    return envelope
+
+
+def to_json_line(envelope: Envelope) -> bytes:
+    """One envelope as a JSON line (stable field order, newline-terminated)."""
+    return _JSON_ENCODER.encode(envelope) + b"\n"
+
+
+def from_json_line(line: bytes | str, *, where: str = "line") -> Envelope:
+    """Decode one exported JSON line, upcasting older schema versions."""
+    try:
+        envelope = _JSON_DECODER.decode(line)
+    except msgspec.DecodeError as exc:
+        try:
+            raw = _JSON_RAW_DECODER.decode(line)
+        except msgspec.DecodeError:
+            raise DecodeError(f"{where}: not a flowlog event ({exc})") from exc
+        return _upcast(raw, where)
+    if envelope.v != SCHEMA_VERSION:
+        return _upcast(_JSON_RAW_DECODER.decode(line), where)
+    return envelope
+
+
+def payload_digest(envelope: Envelope) -> str:
+    """Digest of what makes two events with one event id "the same": run and payload.
+
+    Time, producer and trace context are left out: a producer that retries an append with a
+    fresh timestamp is still sending the same event.
+    """
+    digest = hashlib.blake2b(envelope.run_id.encode(), digest_size=16)
+    digest.update(_MSGPACK_ENCODER.encode(envelope.data))
+    return digest.hexdigest()

@@ -1,0 +1,59 @@
+"""The one error tree of flowlog.
+
+Every error raised on purpose by flowlog derives from :class:`FlowlogError`, and each is named
+for the condition it reports, so callers can catch exactly what they can handle.
+"""
+
+from __future__ import annotations
+
+
+class FlowlogError(Exception):
+    """Root of every error flowlog raises on purpose."""
+
+
+class StoreError(FlowlogError):
+    """The event store could not do what was asked."""
+
+
+class StoreUnavailable(StoreError):
+    """The backing server cannot be reached (connection refused, timed out, closed)."""
+
+
+class ConcurrencyConflict(StoreError):
+    """An append with an expected seq found the run had moved on.
+
+    ``expected`` is the seq the caller decided on, ``current`` the run's seq in the store.
+    """
+
+    def __init__(self, run_id: str, expected: int, current: int) -> None:
+        super().__init__(
+            f"run {run_id!r}: expected seq {expected} but the run is at seq {current}"
+        )
+        self.run_id = run_id
+        self.expected = expected
+        self.current = current
+
+
+class EventTooLarge(StoreError):
+    """An encoded event is over ``max_event_bytes``; nothing was written."""
+
+    def __init__(self, event_id: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"event {event_id!r} is {size} bytes encoded, over the limit of {limit} bytes"
+            " (max_event_bytes); nothing was written"
+        )
+        self.event_id = event_id
+        self.size = size
+        self.limit = limit
+
+
+class InvalidAppend(StoreError):
+    """An append request is malformed (wrong run id, empty event id, mixed runs...)."""
+
+
+class DecodeError(FlowlogError):
+    """Bytes read from the log are not a valid flowlog event (a poison entry)."""
+
+
+class SpoolError(StoreError):
+    """The local fallback spool file could not be written or read."""

@@ -1,0 +1,57 @@
+"""Every Redis key name flowlog uses, built in one place.
+
+All keys of one partition share the hash tag ``{prefix:p}``, so one Lua script can touch them
+atomically, also on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+
+class Keys:
+    """Key names for one ``prefix`` and number of ``partitions``."""
+
+    __slots__ = ("partitions", "prefix")
+
+    def __init__(self, prefix: str = "flowlog", partitions: int = 16) -> None:
+        if partitions < 1:
+            raise ValueError(f"partitions must be >= 1, got {partitions}")
+        self.prefix = prefix
+        self.partitions = partitions
+
+    def partition(self, run_id: str) -> int:
+        """The partition of a run: a stable hash of its id, mod the partition count."""
+        return zlib.crc32(run_id.encode()) % self.partitions
+
+    def tag(self, partition: int) -> str:
+        return f"{{{self.prefix}:{partition}}}"
+
+    def run(self, run_id: str) -> str:
+        return f"{self.tag(self.partition(run_id))}:run:{run_id}"
+
+    def head(self, run_id: str) -> str:
+        return f"{self.tag(self.partition(run_id))}:head:{run_id}"
+
+    def snap(self, run_id: str) -> str:
+        return f"{self.tag(self.partition(run_id))}:snap:{run_id}"
+
+    def dedup(self, run_id: str, event_id: str) -> str:
+        return f"{self.tag(self.partition(run_id))}:dedup:{event_id}"
+
+    def feed(self, partition: int) -> str:
+        return f"{self.tag(partition)}:feed"
+
+    def runs(self, partition: int) -> str:
+        """Sorted set of the partition's run ids, scored by first-append time (ms)."""
+        return f"{self.tag(partition)}:runs"
+
+    def timers(self, partition: int) -> str:
+        return f"{self.tag(partition)}:timers"
+
+    def timer_payloads(self, partition: int) -> str:
+        """Hash timer id -> payload for the partition's timers."""
+        return f"{self.tag(partition)}:timerdata"
+
+    def dead(self, partition: int) -> str:
+        return f"{self.tag(partition)}:dead"

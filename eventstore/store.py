@@ -1,0 +1,235 @@
+"""The ``EventStore`` protocol every backend implements, and the values it exchanges.
+
+Backends: ``memory`` (embedded default), ``redis`` (the real one), ``fallback`` (redis with a
+local spool for fact appends while Redis is unreachable). All pass one contract test suite.
+
+Semantics shared by every backend:
+
+* ``append(run_id, events, expected_seq=None)`` appends a batch to one run. Each event gets one
+  :class:`AppendResult`. Dedup is by ``event_id`` for ``dedup_ttl``: a repeat of a known event
+  is a ``duplicate`` (with the original seq); the same ``event_id`` with another payload (see
+  :func:`eventstore.codec.payload_digest`) is a ``mismatch`` and is not written. With
+  ``expected_seq`` (a *decision*), the new events of the batch are written only if the run is
+  at exactly that seq; otherwise every new event of the batch is a ``conflict`` carrying the
+  current seq, and nothing is written. Validation happens before the first write.
+* ``seq`` is 1-based and contiguous within a run.
+* Subscriptions are consumer groups over the partition feeds: a consumer first gets its own
+  pending entries, then entries idle longer than ``claim_idle_ms`` claimed from other
+  consumers, then new ones. An entry delivered more than ``max_deliveries`` times, or one that
+  cannot be decoded, goes to the dead-letter stream with the reason and is acknowledged.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import msgspec
+
+from eventstore.events import Envelope
+
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+#: The run status an event type moves a run's head to (others leave it unchanged).
+STATUS_BY_EVENT_TYPE: dict[str, str] = {
+    "run_submitted": "submitted",
+    "run_started": "running",
+    "run_paused": "paused",
+    "run_resumed": "running",
+    "run_retry_requested": "running",
+    "run_completed": "completed",
+    "run_failed": "failed",
+    "run_cancelled": "cancelled",
+}
+
+
+class StoreConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What every backend is configured with (services build it from settings)."""
+
+    prefix: str = "flowlog"
+    partitions: int = 16
+    dedup_ttl_ms: int = 24 * 3600 * 1000
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    claim_idle_ms: int = 30_000
+    max_deliveries: int = 5
+    max_event_bytes: int = 1024 * 1024
+
+
+class Outcome(enum.StrEnum):
+    APPENDED = "appended"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+    MISMATCH = "mismatch"
+
+
+class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The outcome of one event of an append.
+
+    ``seq``: the seq given (appended) or the original's seq (duplicate, mismatch); 0 on
+    conflict. ``current_seq``: the run's seq in the store, set on conflict.
+    """
+
+    event_id: str
+    outcome: Outcome
+    seq: int = 0
+    entry_id: str = ""
+    current_seq: int = 0
+
+
+class AppendRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One run's part of a batched append across runs."""
+
+    run_id: str
+    events: Sequence[Envelope]
+    expected_seq: int | None = None
+
+
+class Head(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a run's history stands: last seq, its entry id, status and chain hash."""
+
+    run_id: str
+    seq: int
+    entry_id: str
+    status: str = ""
+    hash: str = ""
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    """One feed entry handed to a consumer; ``deliveries`` counts this delivery."""
+
+    envelope: Envelope
+    partition: int
+    entry_id: str
+    deliveries: int = 1
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A feed entry given up on: its raw bytes, why, and how often it was delivered."""
+
+    partition: int
+    entry_id: str
+    group: str
+    reason: str
+    deliveries: int
+    raw: bytes
+
+
+class Timer(msgspec.Struct, frozen=True, kw_only=True):
+    """A wake-up for a run at ``due_ms`` (retry backoff, delay, step timeout)."""
+
+    run_id: str
+    timer_id: str
+    due_ms: int
+    payload: bytes = b""
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """A run's state as of ``seq``, encoded by the projection that owns it."""
+
+    run_id: str
+    seq: int
+    version: int
+    state: bytes
+
+
+class GroupInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A consumer group on one partition feed: pending entries and entries not yet read."""
+
+    group: str
+    partition: int
+    pending: int
+    lag: int
+
+
+class TrimReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What a feed trim did (or would do, on a dry run), per partition."""
+
+    trimmed: dict[int, int]
+    min_ids: dict[int, str]
+    dry_run: bool = False
+
+
+Archiver = Callable[[int, Sequence[Envelope]], Awaitable[None]]
+
+
+@runtime_checkable
+class Subscription(Protocol):
+    """A consumer's handle on a consumer group over every partition feed."""
+
+    @property
+    def group(self) -> str: ...
+
+    @property
+    def consumer(self) -> str: ...
+
+    async def fetch(self, max_count: int = 100, block_ms: int = 1000) -> list[Delivery]:
+        """Own pending first, then claimed idle entries, then new entries (blocking)."""
+        ...
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None: ...
+
+    async def touch(self, deliveries: Sequence[Delivery]) -> None:
+        """Heartbeat: reset the idle time of in-flight entries so they are not claimed."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class EventStore(Protocol):
+    """The log. See the module docstring for the shared semantics."""
+
+    config: StoreConfig
+
+    async def append(
+        self, run_id: str, events: Sequence[Envelope], expected_seq: int | None = None
+    ) -> list[AppendResult]: ...
+
+    async def append_many(self, requests: Sequence[AppendRequest]) -> list[list[AppendResult]]:
+        """Append for many runs in one round trip (pipelined); one result list per request."""
+        ...
+
+    def read_run(self, run_id: str, after_seq: int = 0) -> AsyncIterator[Envelope]:
+        """The run's events with seq > ``after_seq``, in order."""
+        ...
+
+    async def head(self, run_id: str) -> Head | None: ...
+
+    async def list_runs(self) -> list[str]:
+        """Every run id the store holds (not expired), oldest first."""
+        ...
+
+    async def subscribe(self, group: str, consumer: str) -> Subscription: ...
+
+    async def group_info(self) -> list[GroupInfo]: ...
+
+    async def dead_letters(self, partition: int | None = None) -> list[DeadLetter]: ...
+
+    async def schedule_timer(self, timer: Timer) -> None:
+        """Add or move a timer (same run_id and timer_id replaces it)."""
+        ...
+
+    async def due_timers(self, now_ms: int, limit: int = 100, lease_ms: int = 30_000) -> list[Timer]:
+        """Timers due at ``now_ms``; each is leased (moved to ``now_ms + lease_ms``) until
+        cancelled, so a crash between taking and handling a timer only delays it."""
+        ...
+
+    async def cancel_timer(self, run_id: str, timer_id: str) -> None: ...
+
+    async def put_snapshot(self, snapshot: Snapshot) -> None: ...
+
+    async def get_snapshot(self, run_id: str) -> Snapshot | None: ...
+
+    async def trim_feeds(
+        self, horizon_ms: int, *, dry_run: bool = False, archive: Archiver | None = None
+    ) -> TrimReport:
+        """Trim feed entries older than ``horizon_ms`` but never one some group has not yet
+        delivered or still has pending; ``archive`` is given the entries before they go."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`~eventstore.errors.StoreUnavailable` if the store cannot be reached."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""The processes: scheduler, agent runner, checkpointer, metrics projector, CLI."""

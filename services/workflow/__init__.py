@@ -1,0 +1,1 @@
+"""Workflow definitions: model, loader and validation, safe expressions."""
