@@ -94,6 +94,15 @@ def from_json_line(line: bytes | str, *, where: str = "line") -> Envelope:
     return envelope
 
 
+def chain_hash(previous: str, seq: int, raw: bytes) -> str:
+    """The tamper-evident hash of a run's entry: ``sha1_hex(previous "\\n" seq "\\n" raw)``.
+
+    ``raw`` is the stored encoding (:func:`encode` of the envelope with ``seq`` 0),
+    ``previous`` the hash of entry ``seq - 1`` ("" for seq 1). A run's head keeps the last one.
+    """
+    return hashlib.sha1(b"%s\n%d\n%s" % (previous.encode(), seq, raw)).hexdigest()
+
+
 def payload_digest(envelope: Envelope) -> str:
     """Digest of what makes two events with one event id "the same": run and payload.
 

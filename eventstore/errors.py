@@ -19,6 +19,10 @@ class StoreUnavailable(StoreError):
     """The backing server cannot be reached (connection refused, timed out, closed)."""
 
 
+class StoreClosed(StoreUnavailable):
+    """The store or subscription was closed by its owner; it takes no more requests."""
+
+
 class ConcurrencyConflict(StoreError):
     """An append with an expected seq found the run had moved on.
 

@@ -34,7 +34,7 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 # --- run lifecycle -------------------------------------------------------------------------
 
 
-class RunSubmitted(_Event, tag="run_submitted"):
+class RunSubmitted(_Event, frozen=True, kw_only=True, tag="run_submitted"):
     workflow: str
     digest: str
     definition: str
@@ -44,40 +44,47 @@ class RunSubmitted(_Event, tag="run_submitted"):
     idempotency_key: str = ""
 
 
-class RunStarted(_Event, tag="run_started"):
-    pass
+class RunStarted(_Event, frozen=True, kw_only=True, tag="run_started"):
+    """The scheduler started the run; ``plan`` maps each step id to its ``depends_on``, in
+    definition order, so the run state can track readiness without the definition."""
+
+    plan: dict[str, tuple[str, ...]] = {}
 
 
-class RunPaused(_Event, tag="run_paused"):
+class RunPaused(_Event, frozen=True, kw_only=True, tag="run_paused"):
     reason: str = ""
 
 
-class RunResumed(_Event, tag="run_resumed"):
+class RunResumed(_Event, frozen=True, kw_only=True, tag="run_resumed"):
     reason: str = ""
 
 
-class RunCancelRequested(_Event, tag="run_cancel_requested"):
+class RunCancelRequested(_Event, frozen=True, kw_only=True, tag="run_cancel_requested"):
     reason: str = ""
 
 
-class RunCancelled(_Event, tag="run_cancelled"):
+class RunCancelled(_Event, frozen=True, kw_only=True, tag="run_cancelled"):
     reason: str = ""
 
 
-class RunCompleted(_Event, tag="run_completed"):
+class RunCompleted(_Event, frozen=True, kw_only=True, tag="run_completed"):
     degraded: bool = False
 
 
-class RunFailed(_Event, tag="run_failed"):
+class RunFailed(_Event, frozen=True, kw_only=True, tag="run_failed"):
     error: ErrorInfo
     step: str = ""
 
 
-class RunRetryRequested(_Event, tag="run_retry_requested"):
+class RunRetryRequested(_Event, frozen=True, kw_only=True, tag="run_retry_requested"):
+    """Re-run a finished run: ``reset_steps`` (filled in by whoever knows the graph: the failed
+    steps or ``from_step``, and everything downstream) go back to pending."""
+
     from_step: str = ""
+    reset_steps: tuple[str, ...] = ()
 
 
-class CheckpointTaken(_Event, tag="checkpoint_taken"):
+class CheckpointTaken(_Event, frozen=True, kw_only=True, tag="checkpoint_taken"):
     covered_seq: int
     snapshot_key: str
 
@@ -85,7 +92,7 @@ class CheckpointTaken(_Event, tag="checkpoint_taken"):
 # --- steps -----------------------------------------------------------------------------------
 
 
-class StepScheduled(_Event, tag="step_scheduled"):
+class StepScheduled(_Event, frozen=True, kw_only=True, tag="step_scheduled"):
     step: str
     attempt: int
     agent: str
@@ -99,7 +106,7 @@ class StepScheduled(_Event, tag="step_scheduled"):
     idempotency_key: str = ""
 
 
-class StepStarted(_Event, tag="step_started"):
+class StepStarted(_Event, frozen=True, kw_only=True, tag="step_started"):
     step: str
     attempt: int
     agent: str
@@ -107,9 +114,10 @@ class StepStarted(_Event, tag="step_started"):
     item: int | None = None
     iteration: int | None = None
     fallback_index: int = 0
+    idempotency_key: str = ""
 
 
-class StepSucceeded(_Event, tag="step_succeeded"):
+class StepSucceeded(_Event, frozen=True, kw_only=True, tag="step_succeeded"):
     step: str
     attempt: int
     agent: str
@@ -119,9 +127,10 @@ class StepSucceeded(_Event, tag="step_succeeded"):
     iteration: int | None = None
     fallback_index: int = 0
     cached: bool = False
+    idempotency_key: str = ""
 
 
-class StepFailed(_Event, tag="step_failed"):
+class StepFailed(_Event, frozen=True, kw_only=True, tag="step_failed"):
     step: str
     attempt: int
     agent: str
@@ -130,9 +139,10 @@ class StepFailed(_Event, tag="step_failed"):
     item: int | None = None
     iteration: int | None = None
     fallback_index: int = 0
+    idempotency_key: str = ""
 
 
-class StepRetryScheduled(_Event, tag="step_retry_scheduled"):
+class StepRetryScheduled(_Event, frozen=True, kw_only=True, tag="step_retry_scheduled"):
     step: str
     attempt: int
     delay_s: float
@@ -141,12 +151,16 @@ class StepRetryScheduled(_Event, tag="step_retry_scheduled"):
     iteration: int | None = None
 
 
-class StepSkipped(_Event, tag="step_skipped"):
+class StepSkipped(_Event, frozen=True, kw_only=True, tag="step_skipped"):
+    """A step will not run (``when`` false) or gave up without failing the run (non-critical);
+    ``error`` is set in the second case."""
+
     step: str
     reason: str
+    error: ErrorInfo | None = None
 
 
-class StepCancelled(_Event, tag="step_cancelled"):
+class StepCancelled(_Event, frozen=True, kw_only=True, tag="step_cancelled"):
     step: str
     attempt: int = 0
     reason: str = ""
@@ -154,7 +168,7 @@ class StepCancelled(_Event, tag="step_cancelled"):
     iteration: int | None = None
 
 
-class FallbackStarted(_Event, tag="fallback_started"):
+class FallbackStarted(_Event, frozen=True, kw_only=True, tag="fallback_started"):
     step: str
     attempt: int
     fallback_index: int
@@ -164,7 +178,7 @@ class FallbackStarted(_Event, tag="fallback_started"):
     iteration: int | None = None
 
 
-class StepCacheHit(_Event, tag="step_cache_hit"):
+class StepCacheHit(_Event, frozen=True, kw_only=True, tag="step_cache_hit"):
     step: str
     attempt: int
     agent: str
@@ -173,6 +187,22 @@ class StepCacheHit(_Event, tag="step_cache_hit"):
     item: int | None = None
     iteration: int | None = None
     fallback_index: int = 0
+    idempotency_key: str = ""
+
+
+class StepFannedOut(_Event, frozen=True, kw_only=True, tag="step_fanned_out"):
+    """A ``for_each`` step's list, evaluated once: one unit per item, ``item`` = its index."""
+
+    step: str
+    items: list[Any] = []
+
+
+class LoopCompleted(_Event, frozen=True, kw_only=True, tag="loop_completed"):
+    """A ``loop`` step's ``until`` held after ``iteration`` succeeded: that output is final."""
+
+    step: str
+    iteration: int
+    item: int | None = None
 
 
 EventData = (
@@ -195,10 +225,12 @@ EventData = (
     | StepCancelled
     | FallbackStarted
     | StepCacheHit
+    | StepFannedOut
+    | LoopCompleted
 )
 
 EVENT_TYPES: Final[dict[str, type[_Event]]] = {
-    str(cls.__struct_config__.tag): cls for cls in EventData.__args__  # type: ignore[attr-defined]
+    str(cls.__struct_config__.tag): cls for cls in EventData.__args__
 }
 
 

@@ -31,6 +31,10 @@ from eventstore.events import Envelope
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
+#: ``DeadLetter.reason`` starts with one of these, then ``": "`` and the details.
+REASON_UNDECODABLE = "undecodable"
+REASON_MAX_DELIVERIES = "max_deliveries"
+
 #: The run status an event type moves a run's head to (others leave it unchanged).
 STATUS_BY_EVENT_TYPE: dict[str, str] = {
     "run_submitted": "submitted",
@@ -164,7 +168,11 @@ class Subscription(Protocol):
     def consumer(self) -> str: ...
 
     async def fetch(self, max_count: int = 100, block_ms: int = 1000) -> list[Delivery]:
-        """Own pending first, then claimed idle entries, then new entries (blocking)."""
+        """Own pending first, then claimed idle entries, then new entries (blocking).
+
+        Waits up to ``block_ms`` for new entries when there is nothing to hand out;
+        ``block_ms <= 0`` returns at once.
+        """
         ...
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None: ...

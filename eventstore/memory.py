@@ -1,0 +1,718 @@
+"""The embedded in-memory event store: the Redis backend's semantics in one process.
+
+Used when no Redis URL is configured and by fast tests. It keeps what Redis would keep: the
+encoded bytes of every event (so readers get fresh objects, as from Redis), entry ids in the
+Redis ``"<ms>-<n>"`` format, strictly increasing per partition feed (a run's entries carry the
+id of their feed entry), dedup records with a TTL, per-run heads with the chain hash, consumer
+groups with pending entries, claims and dead letters, timers and snapshots. Expiry (dedup,
+retention of finished runs) follows the injected ``clock_ms``, so tests can move time. As with
+the Redis keys, dedup records are per partition, and a finished run's stream, head and snapshot
+expire together ``retention_ms`` after its last terminal status (a later non-terminal status
+keeps them).
+
+Every async method passes a checkpoint first, like a round trip to a server, so concurrent
+tasks interleave between calls; each call is then atomic, like a Lua script.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Final
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from eventstore import codec
+from eventstore.errors import DecodeError, EventTooLarge, InvalidAppend, StoreClosed
+from eventstore.events import Envelope
+from eventstore.keys import Keys
+from eventstore.store import (
+    REASON_MAX_DELIVERIES,
+    REASON_UNDECODABLE,
+    STATUS_BY_EVENT_TYPE,
+    TERMINAL_STATUSES,
+    AppendRequest,
+    AppendResult,
+    Archiver,
+    DeadLetter,
+    Delivery,
+    GroupInfo,
+    Head,
+    Outcome,
+    Snapshot,
+    StoreConfig,
+    Timer,
+    TrimReport,
+)
+
+EntryKey = tuple[int, int]
+
+_DEFAULT_CONFIG: Final = StoreConfig()
+_READ_PAGE: Final = 1000
+
+
+def wall_clock_ms() -> int:
+    """Unix time in milliseconds (the default clock)."""
+    return time.time_ns() // 1_000_000
+
+
+class _Entry:
+    """One stored event: feed entry and run stream entry at once."""
+
+    __slots__ = ("entry_id", "key", "raw", "seq")
+
+    def __init__(self, key: EntryKey, seq: int, raw: bytes) -> None:
+        self.key = key
+        self.entry_id = f"{key[0]}-{key[1]}"
+        self.seq = seq
+        self.raw = raw
+
+
+class _Run:
+    __slots__ = ("entries", "expires_at", "hash", "status")
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self.status = ""
+        self.hash = ""
+        self.expires_at: int | None = None
+
+
+class _Dedup:
+    __slots__ = ("digest", "entry_id", "expires_at", "seq")
+
+    def __init__(self, entry_id: str, seq: int, digest: str, expires_at: int) -> None:
+        self.entry_id = entry_id
+        self.seq = seq
+        self.digest = digest
+        self.expires_at = expires_at
+
+
+class _Feed:
+    """A partition feed; ``offset`` is the absolute index of ``entries[0]`` (after trims)."""
+
+    __slots__ = ("entries", "last_key", "offset")
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self.offset = 0
+        self.last_key: EntryKey = (0, 0)
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.entries)
+
+    def add(self, now_ms: int, seq: int, raw: bytes) -> _Entry:
+        ms, n = self.last_key
+        self.last_key = (now_ms, 0) if now_ms > ms else (ms, n + 1)
+        entry = _Entry(self.last_key, seq, raw)
+        self.entries.append(entry)
+        return entry
+
+
+class _Pending:
+    __slots__ = ("consumer", "delivered_ms", "deliveries", "entry")
+
+    def __init__(self, consumer: str, delivered_ms: int, entry: _Entry) -> None:
+        self.consumer = consumer
+        self.deliveries = 1
+        self.delivered_ms = delivered_ms
+        self.entry = entry
+
+
+class _Group:
+    """One consumer group on one partition feed.
+
+    ``pending`` is in entry id order (new deliveries always have the highest ids); ``idle`` holds
+    the same entries least recently delivered first, so claiming looks only at its front.
+    """
+
+    __slots__ = ("cursor", "idle", "last_key", "name", "partition", "pending")
+
+    def __init__(self, name: str, partition: int) -> None:
+        self.name = name
+        self.partition = partition
+        self.cursor = 0
+        self.last_key: EntryKey = (0, 0)
+        self.pending: dict[str, _Pending] = {}
+        self.idle: dict[str, _Pending] = {}
+
+    def touch(self, pending: _Pending, consumer: str, now_ms: int) -> None:
+        pending.consumer = consumer
+        pending.delivered_ms = now_ms
+        entry_id = pending.entry.entry_id
+        del self.idle[entry_id]
+        self.idle[entry_id] = pending
+
+    def remove(self, entry_id: str) -> _Pending | None:
+        pending = self.pending.pop(entry_id, None)
+        if pending is not None:
+            del self.idle[entry_id]
+        return pending
+
+
+class MemorySubscription:
+    """A consumer of a group over every partition feed of a :class:`MemoryStore`."""
+
+    def __init__(self, store: MemoryStore, group: str, consumer: str) -> None:
+        self._store = store
+        self._group = group
+        self._consumer = consumer
+        self._groups = store._groups[group]
+        self._own: deque[tuple[_Group, _Pending]] | None = None
+        self._next_partition = 0
+        self._closed = False
+
+    @property
+    def group(self) -> str:
+        return self._group
+
+    @property
+    def consumer(self) -> str:
+        return self._consumer
+
+    async def fetch(self, max_count: int = 100, block_ms: int = 1000) -> list[Delivery]:
+        """At most ``max_count`` deliveries: this consumer's pending entries not yet handed out
+        since it subscribed, then pending entries idle for ``claim_idle_ms`` (claimed from any
+        consumer, as ``XAUTOCLAIM`` does), then new entries, fairly across partitions. Waits up
+        to ``block_ms`` for an append when there is nothing; ``block_ms <= 0`` returns at once.
+
+        An entry that would be handed out more than ``max_deliveries`` times, or that cannot be
+        decoded, goes to the dead letters (``deliveries`` = times it was handed out) and is
+        acknowledged instead.
+        """
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        deliveries = self._collect(max_count)
+        if deliveries or block_ms <= 0:
+            return deliveries
+        with anyio.move_on_after(block_ms / 1000):
+            while not deliveries:
+                await self._store._appended().wait()
+                if self._closed or self._store._closed:
+                    break
+                deliveries = self._collect(max_count)
+        return deliveries
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove the entries from the group's pending entries."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        for delivery in deliveries:
+            self._groups[delivery.partition].remove(delivery.entry_id)
+
+    async def touch(self, deliveries: Sequence[Delivery]) -> None:
+        """Reset the idle time of pending entries (and own them) so they are not claimed."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        now = self._store._tick()
+        for delivery in deliveries:
+            group = self._groups[delivery.partition]
+            pending = group.pending.get(delivery.entry_id)
+            if pending is not None:
+                group.touch(pending, self._consumer, now)
+
+    async def close(self) -> None:
+        """Stop this consumer; its pending entries stay with the group for a restart or claim."""
+        self._closed = True
+        self._store._wake()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"subscription {self._group}/{self._consumer} is closed")
+        self._store._check_open()
+
+    def _collect(self, max_count: int) -> list[Delivery]:
+        now = self._store._tick()
+        out: list[Delivery] = []
+        if self._own is None:
+            self._own = deque(
+                (group, pending)
+                for group in self._groups
+                for pending in group.pending.values()
+                if pending.consumer == self._consumer
+            )
+        own = self._own
+        while own and len(out) < max_count:
+            group, pending = own.popleft()
+            still_own = pending.consumer == self._consumer
+            if still_own and group.pending.get(pending.entry.entry_id) is pending:
+                self._redeliver(group, pending, now, out)
+        start = self._next_partition
+        self._next_partition = (start + 1) % len(self._groups)
+        rotated = self._groups[start:] + self._groups[:start]
+        threshold = now - self._store.config.claim_idle_ms
+        for group in rotated:
+            if len(out) >= max_count:
+                return out
+            claimable: list[_Pending] = []
+            for pending in group.idle.values():
+                if pending.delivered_ms > threshold or len(claimable) >= max_count - len(out):
+                    break
+                claimable.append(pending)
+            for pending in claimable:
+                self._redeliver(group, pending, now, out)
+        for group in rotated:
+            if len(out) >= max_count:
+                break
+            self._deliver_new(group, now, max_count - len(out), out)
+        return out
+
+    def _redeliver(self, group: _Group, pending: _Pending, now: int, out: list[Delivery]) -> None:
+        limit = self._store.config.max_deliveries
+        if pending.deliveries >= limit:
+            self._store._dead_letter(
+                group,
+                pending,
+                f"{REASON_MAX_DELIVERIES}: delivered {pending.deliveries} times"
+                f" (max_deliveries is {limit})",
+            )
+            return
+        pending.deliveries += 1
+        group.touch(pending, self._consumer, now)
+        self._hand(group, pending, out)
+
+    def _deliver_new(self, group: _Group, now: int, room: int, out: list[Delivery]) -> None:
+        feed = self._store._feeds[group.partition]
+        start = max(group.cursor, feed.offset)
+        stop = min(feed.end, start + room)
+        if start >= stop:
+            return
+        for entry in feed.entries[start - feed.offset : stop - feed.offset]:
+            pending = _Pending(self._consumer, now, entry)
+            group.pending[entry.entry_id] = pending
+            group.idle[entry.entry_id] = pending
+            self._hand(group, pending, out)
+        group.cursor = stop
+        group.last_key = feed.entries[stop - 1 - feed.offset].key
+
+    def _hand(self, group: _Group, pending: _Pending, out: list[Delivery]) -> None:
+        entry = pending.entry
+        try:
+            envelope = codec.decode(
+                entry.raw, seq=entry.seq, where=f"feed {group.partition} entry {entry.entry_id}"
+            )
+        except DecodeError as exc:
+            self._store._dead_letter(group, pending, f"{REASON_UNDECODABLE}: {exc}")
+            return
+        out.append(
+            Delivery(
+                envelope=envelope,
+                partition=group.partition,
+                entry_id=entry.entry_id,
+                deliveries=pending.deliveries,
+            )
+        )
+
+
+class MemoryStore:
+    """The in-memory :class:`~eventstore.store.EventStore`.
+
+    ``clock_ms`` (default: wall clock) drives entry ids, dedup expiry, retention and idle times;
+    ``block_ms`` waits use real time.
+    """
+
+    def __init__(
+        self, config: StoreConfig = _DEFAULT_CONFIG, *, clock_ms: Callable[[], int] | None = None
+    ) -> None:
+        self.config = config
+        self._keys = Keys(config.prefix, config.partitions)
+        self.clock_ms = clock_ms or wall_clock_ms
+        self._runs: dict[str, _Run] = {}
+        self._run_expiry: list[tuple[int, str]] = []
+        self._snapshots: dict[str, Snapshot] = {}
+        self._feeds = [_Feed() for _ in range(config.partitions)]
+        self._dedup: list[dict[str, _Dedup]] = [{} for _ in range(config.partitions)]
+        self._dedup_expiry: deque[tuple[int, int, str]] = deque()
+        self._groups: dict[str, list[_Group]] = {}
+        self._dead: list[list[DeadLetter]] = [[] for _ in range(config.partitions)]
+        self._timers: dict[tuple[str, str], Timer] = {}
+        self._timer_heap: list[tuple[int, str, str]] = []
+        self._trim_lock = anyio.Lock()
+        self._waiters: anyio.Event | None = None
+        self._closed = False
+
+    # --- append -------------------------------------------------------------------------------
+
+    async def append(
+        self, run_id: str, events: Sequence[Envelope], expected_seq: int | None = None
+    ) -> list[AppendResult]:
+        """Append a batch to one run (see :mod:`eventstore.store` for the semantics)."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        prepared = self._prepare(run_id, events)
+        results = self._apply(run_id, prepared, expected_seq, self._tick())
+        self._wake()
+        return results
+
+    async def append_many(self, requests: Sequence[AppendRequest]) -> list[list[AppendResult]]:
+        """Append for many runs, in order; every request is validated before the first write."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        prepared = [self._prepare(request.run_id, request.events) for request in requests]
+        now = self._tick()
+        results = [
+            self._apply(request.run_id, batch, request.expected_seq, now)
+            for request, batch in zip(requests, prepared, strict=True)
+        ]
+        self._wake()
+        return results
+
+    def add_raw_feed_entry(self, partition: int, raw: bytes) -> str:
+        """Put arbitrary bytes on a partition feed and return the entry id.
+
+        The memory equivalent of a raw ``XADD`` to the feed: tooling and tests use it to add
+        entries no producer would write (e.g. undecodable ones).
+        """
+        self._check_open()
+        if not 0 <= partition < self.config.partitions:
+            raise InvalidAppend(f"partition {partition} is outside 0..{self.config.partitions - 1}")
+        entry = self._feeds[partition].add(self._tick(), 0, raw)
+        self._wake()
+        return entry.entry_id
+
+    def _prepare(self, run_id: str, events: Sequence[Envelope]) -> list[tuple[Envelope, bytes]]:
+        limit = self.config.max_event_bytes
+        prepared = []
+        for envelope in events:
+            if envelope.run_id != run_id:
+                raise InvalidAppend(
+                    f"event {envelope.event_id!r} belongs to run {envelope.run_id!r},"
+                    f" not to run {run_id!r}"
+                )
+            if not envelope.event_id:
+                raise InvalidAppend(f"an event of run {run_id!r} has an empty event id")
+            stored = msgspec.structs.replace(envelope, seq=0) if envelope.seq else envelope
+            raw = codec.encode(stored)
+            if len(raw) > limit:
+                raise EventTooLarge(envelope.event_id, len(raw), limit)
+            prepared.append((envelope, raw))
+        return prepared
+
+    def _apply(
+        self,
+        run_id: str,
+        prepared: list[tuple[Envelope, bytes]],
+        expected_seq: int | None,
+        now: int,
+    ) -> list[AppendResult]:
+        partition = self._keys.partition(run_id)
+        dedup = self._dedup[partition]
+        run = self._runs.get(run_id)
+        current = len(run.entries) if run is not None else 0
+        results: list[AppendResult | None] = [None] * len(prepared)
+        fresh: list[tuple[int, Envelope, bytes, str]] = []
+        first_in_batch: dict[str, tuple[int, str]] = {}
+        repeats: list[tuple[int, int, bool]] = []
+        for index, (envelope, raw) in enumerate(prepared):
+            event_id = envelope.event_id
+            digest = codec.payload_digest(envelope)
+            known = dedup.get(event_id)
+            if known is not None and known.expires_at > now:
+                outcome = Outcome.DUPLICATE if known.digest == digest else Outcome.MISMATCH
+                results[index] = AppendResult(
+                    event_id=event_id, outcome=outcome, seq=known.seq, entry_id=known.entry_id
+                )
+            elif event_id in first_in_batch:
+                first, first_digest = first_in_batch[event_id]
+                repeats.append((index, first, first_digest == digest))
+            else:
+                first_in_batch[event_id] = (index, digest)
+                fresh.append((index, envelope, raw, digest))
+        if fresh and expected_seq is not None and expected_seq != current:
+            for index, envelope, _, _ in fresh:
+                results[index] = AppendResult(
+                    event_id=envelope.event_id, outcome=Outcome.CONFLICT, current_seq=current
+                )
+        elif fresh:
+            if run is None:
+                run = self._runs[run_id] = _Run()
+            written = self._write(run_id, run, partition, fresh, now)
+            for (index, _, _, _), result in zip(fresh, written, strict=True):
+                results[index] = result
+        for index, first, same in repeats:
+            original = results[first]
+            assert original is not None
+            if original.outcome is Outcome.APPENDED:
+                outcome = Outcome.DUPLICATE if same else Outcome.MISMATCH
+            else:
+                outcome = Outcome.CONFLICT if same else Outcome.MISMATCH
+            results[index] = msgspec.structs.replace(
+                original, event_id=prepared[index][0].event_id, outcome=outcome
+            )
+        return [result for result in results if result is not None]
+
+    def _write(
+        self,
+        run_id: str,
+        run: _Run,
+        partition: int,
+        fresh: list[tuple[int, Envelope, bytes, str]],
+        now: int,
+    ) -> list[AppendResult]:
+        feed = self._feeds[partition]
+        dedup = self._dedup[partition]
+        dedup_expires = now + self.config.dedup_ttl_ms
+        written = []
+        for _, envelope, raw, digest in fresh:
+            seq = len(run.entries) + 1
+            entry = feed.add(now, seq, raw)
+            run.entries.append(entry)
+            run.hash = codec.chain_hash(run.hash, seq, raw)
+            dedup[envelope.event_id] = _Dedup(entry.entry_id, seq, digest, dedup_expires)
+            self._dedup_expiry.append((dedup_expires, partition, envelope.event_id))
+            status = STATUS_BY_EVENT_TYPE.get(envelope.type)
+            if status is not None:
+                run.status = status
+                if status in TERMINAL_STATUSES:
+                    run.expires_at = now + self.config.retention_ms
+                    heapq.heappush(self._run_expiry, (run.expires_at, run_id))
+                else:
+                    run.expires_at = None
+            written.append(
+                AppendResult(
+                    event_id=envelope.event_id,
+                    outcome=Outcome.APPENDED,
+                    seq=seq,
+                    entry_id=entry.entry_id,
+                )
+            )
+        return written
+
+    # --- runs ---------------------------------------------------------------------------------
+
+    async def read_run(self, run_id: str, after_seq: int = 0) -> AsyncIterator[Envelope]:
+        """The run's events with seq > ``after_seq``, in order."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        self._tick()
+        run = self._runs.get(run_id)
+        if run is None:
+            return
+        position = max(after_seq, 0)
+        while True:
+            page = run.entries[position : position + _READ_PAGE]
+            for entry in page:
+                yield codec.decode(entry.raw, seq=entry.seq, where=f"run {run_id} seq {entry.seq}")
+            if len(page) < _READ_PAGE:
+                return
+            position += len(page)
+            await anyio.lowlevel.checkpoint()
+
+    async def head(self, run_id: str) -> Head | None:
+        """Where the run stands, or None for a run the store does not hold."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        self._tick()
+        run = self._runs.get(run_id)
+        if run is None:
+            return None
+        return Head(
+            run_id=run_id,
+            seq=len(run.entries),
+            entry_id=run.entries[-1].entry_id,
+            status=run.status,
+            hash=run.hash,
+        )
+
+    async def list_runs(self) -> list[str]:
+        """Every run id held, in order of first append."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        self._tick()
+        return list(self._runs)
+
+    # --- subscriptions ------------------------------------------------------------------------
+
+    async def subscribe(self, group: str, consumer: str) -> MemorySubscription:
+        """Join ``group`` as ``consumer``; the group starts at the beginning of every feed."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        if group not in self._groups:
+            self._groups[group] = [_Group(group, p) for p in range(self.config.partitions)]
+        return MemorySubscription(self, group, consumer)
+
+    async def group_info(self) -> list[GroupInfo]:
+        """Pending and lag of every group on every partition feed."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        return [
+            GroupInfo(
+                group=group.name,
+                partition=group.partition,
+                pending=len(group.pending),
+                lag=self._feeds[group.partition].end
+                - max(group.cursor, self._feeds[group.partition].offset),
+            )
+            for groups in self._groups.values()
+            for group in groups
+        ]
+
+    async def dead_letters(self, partition: int | None = None) -> list[DeadLetter]:
+        """Dead letters of one partition, or of all of them, oldest first per partition."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        if partition is not None:
+            return list(self._dead[partition])
+        return [letter for letters in self._dead for letter in letters]
+
+    def _dead_letter(self, group: _Group, pending: _Pending, reason: str) -> None:
+        entry = pending.entry
+        group.remove(entry.entry_id)
+        self._dead[group.partition].append(
+            DeadLetter(
+                partition=group.partition,
+                entry_id=entry.entry_id,
+                group=group.name,
+                reason=reason,
+                deliveries=pending.deliveries,
+                raw=entry.raw,
+            )
+        )
+
+    # --- timers and snapshots -----------------------------------------------------------------
+
+    async def schedule_timer(self, timer: Timer) -> None:
+        """Add or move a timer (same run_id and timer_id replaces it)."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        self._timers[(timer.run_id, timer.timer_id)] = timer
+        heapq.heappush(self._timer_heap, (timer.due_ms, timer.run_id, timer.timer_id))
+        if len(self._timer_heap) > 2 * len(self._timers) + 64:
+            self._timer_heap = [(t.due_ms, t.run_id, t.timer_id) for t in self._timers.values()]
+            heapq.heapify(self._timer_heap)
+
+    async def due_timers(
+        self, now_ms: int, limit: int = 100, lease_ms: int = 30_000
+    ) -> list[Timer]:
+        """Due timers, oldest first, each leased until ``now_ms + lease_ms``."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        taken: dict[tuple[str, str], Timer] = {}
+        heap = self._timer_heap
+        while heap and len(taken) < limit and heap[0][0] <= now_ms:
+            due_ms, run_id, timer_id = heapq.heappop(heap)
+            timer = self._timers.get((run_id, timer_id))
+            if timer is not None and timer.due_ms == due_ms:
+                taken.setdefault((run_id, timer_id), timer)
+        for key, timer in taken.items():
+            self._timers[key] = msgspec.structs.replace(timer, due_ms=now_ms + lease_ms)
+            heapq.heappush(heap, (now_ms + lease_ms, timer.run_id, timer.timer_id))
+        return list(taken.values())
+
+    async def cancel_timer(self, run_id: str, timer_id: str) -> None:
+        """Remove a timer (no-op when there is none)."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        self._timers.pop((run_id, timer_id), None)
+
+    async def put_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` as the run's latest."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        self._snapshots[snapshot.run_id] = snapshot
+
+    async def get_snapshot(self, run_id: str) -> Snapshot | None:
+        """The run's latest snapshot, if any."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        self._tick()
+        return self._snapshots.get(run_id)
+
+    # --- retention ----------------------------------------------------------------------------
+
+    async def trim_feeds(
+        self, horizon_ms: int, *, dry_run: bool = False, archive: Archiver | None = None
+    ) -> TrimReport:
+        """Per partition, drop feed entries below ``MINID`` = the least of ``<horizon_ms>-0``,
+        each group's last-delivered id + 1 and each group's oldest pending id; ``archive`` is
+        given the decodable ones first. A dry run only reports."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        trimmed: dict[int, int] = {}
+        min_ids: dict[int, str] = {}
+        async with self._trim_lock:
+            for partition, feed in enumerate(self._feeds):
+                min_key = self._min_key(partition, horizon_ms)
+                count = bisect.bisect_left(feed.entries, min_key, key=lambda e: e.key)
+                trimmed[partition] = count
+                min_ids[partition] = f"{min_key[0]}-{min_key[1]}"
+                if dry_run or not count:
+                    continue
+                if archive is not None:
+                    await archive(partition, self._decodable(partition, feed.entries[:count]))
+                del feed.entries[:count]
+                feed.offset += count
+        return TrimReport(trimmed=trimmed, min_ids=min_ids, dry_run=dry_run)
+
+    def _min_key(self, partition: int, horizon_ms: int) -> EntryKey:
+        min_key: EntryKey = (horizon_ms, 0)
+        for groups in self._groups.values():
+            group = groups[partition]
+            min_key = min(min_key, (group.last_key[0], group.last_key[1] + 1))
+            if group.pending:
+                min_key = min(min_key, next(iter(group.pending.values())).entry.key)
+        return min_key
+
+    @staticmethod
+    def _decodable(partition: int, entries: list[_Entry]) -> list[Envelope]:
+        envelopes = []
+        for entry in entries:
+            try:
+                envelopes.append(
+                    codec.decode(
+                        entry.raw, seq=entry.seq, where=f"feed {partition} entry {entry.entry_id}"
+                    )
+                )
+            except DecodeError:
+                continue
+        return envelopes
+
+    def _tick(self) -> int:
+        """Read the clock and drop what has expired by then."""
+        now = self.clock_ms()
+        expiry = self._dedup_expiry
+        while expiry and expiry[0][0] <= now:
+            _, partition, event_id = expiry.popleft()
+            record = self._dedup[partition].get(event_id)
+            if record is not None and record.expires_at <= now:
+                del self._dedup[partition][event_id]
+        runs = self._run_expiry
+        while runs and runs[0][0] <= now:
+            _, run_id = heapq.heappop(runs)
+            run = self._runs.get(run_id)
+            if run is not None and run.expires_at is not None and run.expires_at <= now:
+                del self._runs[run_id]
+                self._snapshots.pop(run_id, None)
+        return now
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raise :class:`~eventstore.errors.StoreClosed` once the store is closed."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+
+    async def close(self) -> None:
+        """Close the store; blocked fetches return, later calls raise ``StoreClosed``."""
+        self._closed = True
+        self._wake()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the memory store is closed")
+
+    def _appended(self) -> anyio.Event:
+        if self._waiters is None:
+            self._waiters = anyio.Event()
+        return self._waiters
+
+    def _wake(self) -> None:
+        if self._waiters is not None:
+            self._waiters.set()
+            self._waiters = None
