@@ -12,6 +12,11 @@ from typing import Any
 
 import msgspec
 
+#: The agents every runner provides; a definition may name only these (unless told otherwise).
+BUILTIN_AGENTS: frozenset[str] = frozenset(
+    {"noop", "echo", "sleep", "flaky", "shell", "python", "http", "llm"}
+)
+
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How often a step is attempted and how long to wait between attempts.
