@@ -1,0 +1,1 @@
+"""Tests of the operations files: compose stack, alert rules, dashboards."""
