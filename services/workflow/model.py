@@ -24,9 +24,12 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     The delay before attempt ``n + 1`` is ``min(max_delay, initial_delay * backoff**(n-1))``
     with +/- ``jitter`` (a fraction) applied. Errors whose type is in ``non_retryable`` (or
     that say they are not retryable) fail the step at once.
+
+    By default a step is attempted up to 3 times, 1 s then 2 s apart (a transient failure
+    should not fail a run); ``retry: 1`` or ``retry: {max_attempts: 1}`` turns retries off.
     """
 
-    max_attempts: int = 1
+    max_attempts: int = 3
     initial_delay: float = 1.0
     backoff: float = 2.0
     max_delay: float = 60.0

@@ -1,0 +1,238 @@
+"""The scheduler service: on each event of a run, decide what happens next and append it.
+
+It reads the partition feeds as consumer group ``scheduler``. For each run touched by a batch it
+loads the state (cache, else snapshot + tail), runs the pure
+:func:`services.scheduler.decide.decide`, and appends the decisions with ``expected_seq`` set to
+the seq they were decided on; all runs of a batch are appended in one round trip. A conflict
+means the run moved: it is reloaded and decided again. Event ids of decisions are derived from
+(run, seq, position, type), so two replicas that reach the same decision produce the same
+event and the store reports the second as a duplicate. Any number of replicas is safe.
+
+Retry backoff and step timeouts are wake-up timers in the store (one per run, ``wake``): when a
+timer is due the run is decided again with the current time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from opentelemetry.trace import TracerProvider
+
+from eventstore.errors import StoreUnavailable
+from eventstore.events import Envelope
+from eventstore.ids import derived_event_id
+from eventstore.store import AppendRequest, AppendResult, Delivery, EventStore, Outcome, Timer
+from projections.run_state import RunState, evolve
+from services.observability.tracing import Cause, RunTracer
+from services.producer import Producer, now_ms
+from services.runs import RunLoader
+from services.scheduler.decide import decide
+from services.workflow.errors import DefinitionError
+
+log = logging.getLogger("flowlog.scheduler")
+
+GROUP = "scheduler"
+WAKE_TIMER = "wake"
+MAX_REDECIDE = 50
+
+
+class SchedulerService:
+    """Decides for every run whose events reach this replica."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        producer: Producer,
+        *,
+        consumer: str,
+        clock_ms: Callable[[], int] = now_ms,
+        batch: int = 256,
+        block_ms: int = 500,
+        timer_poll_s: float = 0.05,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        self.store = store
+        self.producer = producer
+        self.consumer = consumer
+        self.clock_ms = clock_ms
+        self.batch = batch
+        self.block_ms = block_ms
+        self.timer_poll_s = timer_poll_s
+        self.loader = RunLoader(store)
+        self.tracer = RunTracer(store.config, tracer_provider)
+        self.decisions_appended = 0
+        self.conflicts = 0
+        self._stop = anyio.Event()
+        self._armed: dict[str, int] = {}
+
+    def stop(self) -> None:
+        """Stop reading; the batch in hand is finished and acknowledged."""
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        subscription = await self.store.subscribe(GROUP, self.consumer)
+        task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._timer_loop)
+                while not self._stop.is_set():
+                    deliveries = await subscription.fetch(self.batch, self.block_ms)
+                    if deliveries:
+                        await self.handle(deliveries)
+                        await subscription.ack(deliveries)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await subscription.close()
+
+    async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        """Bring every run of the batch up to date and append its decisions."""
+        by_run: dict[str, list[Envelope]] = {}
+        for delivery in deliveries:
+            by_run.setdefault(delivery.envelope.run_id, []).append(delivery.envelope)
+        states: dict[str, RunState] = {}
+        for run_id, events in by_run.items():
+            state = await self._current(run_id, events)
+            if state is not None:
+                states[run_id] = state
+        await self._decide_and_append(states, causes=by_run)
+
+    async def _current(self, run_id: str, events: Sequence[Envelope]) -> RunState | None:
+        """The run's state, applying delivered events directly when they are the next ones."""
+        state = self.loader.cached(run_id)
+        if state is not None:
+            for event in events:
+                if event.seq == state.seq + 1:
+                    state = evolve(state, event)
+                elif event.seq > state.seq + 1:
+                    return await self.loader.load(run_id)
+            self.loader.remember(state)
+            return state
+        return await self.loader.load(run_id)
+
+    async def _decide_and_append(
+        self,
+        states: dict[str, RunState],
+        *,
+        causes: Mapping[str, Sequence[Cause]],
+        woken: frozenset[str] = frozenset(),
+    ) -> None:
+        pending = states
+        for _ in range(MAX_REDECIDE):
+            spans = self.tracer.decisions(GROUP, causes)
+            now = self.clock_ms()
+            requests: list[AppendRequest] = []
+            wakes: dict[str, int | None] = {}
+            for run_id, state in pending.items():
+                try:
+                    definition = self.loader.definition(state)
+                except DefinitionError:
+                    log.exception("run definition no longer parses", extra={"run_id": run_id})
+                    continue
+                decision = decide(definition, state, now)
+                wakes[run_id] = decision.wake_at_ms
+                if decision.events:
+                    traceparent = spans.start(run_id, definition.name, state.seq, decision.events)
+                    requests.append(
+                        AppendRequest(
+                            run_id=run_id,
+                            events=[
+                                self.producer.envelope(
+                                    run_id,
+                                    data,
+                                    event_id=derived_event_id(
+                                        run_id, state.seq, i, type(data).__name__
+                                    ),
+                                    causation_id=state.last_event_id,
+                                    traceparent=traceparent,
+                                )
+                                for i, data in enumerate(decision.events)
+                            ],
+                            expected_seq=state.seq,
+                        )
+                    )
+            await self._arm_timers(wakes, woken, spans.traceparent)
+            if not requests:
+                return
+            results = await self.store.append_many(requests)
+            retry: dict[str, RunState] = {}
+            for request, outcome in zip(requests, results, strict=True):
+                spans.end(request, outcome)
+                state = pending[request.run_id]
+                if _moved(outcome):
+                    self.conflicts += 1
+                    reloaded = await self.loader.load(request.run_id)
+                    if reloaded is not None:
+                        retry[request.run_id] = reloaded
+                    continue
+                for event, result in zip(request.events, outcome, strict=True):
+                    if result.outcome is Outcome.APPENDED:
+                        self.decisions_appended += 1
+                        state = evolve(state, _with_seq(event, result.seq))
+                self.loader.remember(state)
+                # Our own appends come back through the feed; deciding again right away lets a
+                # run advance several steps (e.g. start, then schedule) without waiting for it.
+                retry[request.run_id] = state
+            pending = retry
+            causes = spans.next_causes()
+        log.warning("decisions still moving after %d rounds", MAX_REDECIDE)
+
+    async def _arm_timers(
+        self,
+        wakes: dict[str, int | None],
+        woken: frozenset[str],
+        traceparent: Callable[[str], str],
+    ) -> None:
+        """Keep one wake-up timer per run at the time decide asked for.
+
+        Timers this replica armed are remembered, so unchanged ones cost no round trip; a
+        timer that fired here is always settled (moved or cancelled), whoever armed it. A
+        timer carries the run's ``traceparent`` as its payload, the parent of the decision it
+        wakes.
+        """
+        for run_id, due in wakes.items():
+            armed = self._armed.get(run_id)
+            if due is None:
+                if armed is not None or run_id in woken:
+                    self._armed.pop(run_id, None)
+                    await self.store.cancel_timer(run_id, WAKE_TIMER)
+            elif due != armed or run_id in woken:
+                self._armed[run_id] = due
+                await self.store.schedule_timer(
+                    Timer(
+                        run_id=run_id,
+                        timer_id=WAKE_TIMER,
+                        due_ms=due,
+                        payload=traceparent(run_id).encode(),
+                    )
+                )
+
+    async def _timer_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                due = await self.store.due_timers(self.clock_ms(), limit=self.batch)
+            except StoreUnavailable:
+                due = []
+            if due:
+                states: dict[str, RunState] = {}
+                for timer in due:
+                    state = await self.loader.load(timer.run_id)
+                    if state is not None:
+                        states[timer.run_id] = state
+                causes: dict[str, Sequence[Cause]] = {timer.run_id: [timer] for timer in due}
+                await self._decide_and_append(states, causes=causes, woken=frozenset(states))
+            else:
+                with anyio.move_on_after(self.timer_poll_s):
+                    await self._stop.wait()
+
+
+def _moved(results: Sequence[AppendResult]) -> bool:
+    return any(r.outcome in (Outcome.CONFLICT, Outcome.MISMATCH) for r in results)
+
+
+def _with_seq(event: Envelope, seq: int) -> Envelope:
+    return msgspec.structs.replace(event, seq=seq)
