@@ -44,6 +44,8 @@ GROUP: Final = "metrics"
 SNAPSHOT_ID: Final = "__metrics__"
 #: How long a batch in hand may take to be saved and acknowledged, even while stopping.
 _COMMIT_TIMEOUT_S: Final = 10.0
+#: Deliveries folded but not yet saved and acknowledged, at most (then a commit is forced).
+_MAX_UNACKED: Final = 5000
 
 
 class MetricsProjector:
@@ -59,6 +61,7 @@ class MetricsProjector:
         block_ms: int = 1000,
         refresh_s: float = 5.0,
         retry_s: float = 1.0,
+        commit_interval_s: float = 1.0,
     ) -> None:
         self.store = store
         self.consumer = consumer
@@ -66,6 +69,7 @@ class MetricsProjector:
         self.block_ms = block_ms
         self.refresh_s = refresh_s
         self.retry_s = retry_s
+        self.commit_interval_s = commit_interval_s
         self._saved = MetricsModel()
         self._metrics = ProjectorMetrics(registry, lambda: self._saved)
         self._stop = anyio.Event()
@@ -126,34 +130,56 @@ class MetricsProjector:
         self._metrics.update_store_gauges(groups, dead, self.store.config.partitions)
 
     async def _consume(self, model: MetricsModel, subscription: Subscription) -> None:
+        """Fold every batch as it comes; save and acknowledge at most every
+        ``commit_interval_s`` (and whenever the feed goes quiet or the service stops), so a
+        busy log does not pay for a snapshot per batch."""
+        unacked: list[Delivery] = []
+        applied_before = model.applied
+        last_commit = anyio.current_time()
         while not self._stop.is_set():
             try:
                 deliveries = await subscription.fetch(self.batch, self.block_ms)
-                if deliveries:
+                for delivery in deliveries:
+                    apply(model, delivery.envelope)
+                unacked.extend(deliveries)
+                due = (
+                    not deliveries
+                    or len(unacked) >= _MAX_UNACKED
+                    or anyio.current_time() - last_commit >= self.commit_interval_s
+                )
+                if unacked and due:
                     with anyio.move_on_after(_COMMIT_TIMEOUT_S, shield=True) as scope:
-                        await self._commit(model, deliveries, subscription)
+                        await self._commit(model, unacked, subscription, applied_before)
                     if scope.cancelled_caught:
                         log.warning(
                             "saving the metrics snapshot took over %.0fs; the batch is left"
                             " unacknowledged and will be delivered again",
                             _COMMIT_TIMEOUT_S,
                         )
+                    else:
+                        unacked = []
+                        applied_before = model.applied
+                        last_commit = anyio.current_time()
             except StoreClosed:
                 raise
             except StoreUnavailable as exc:
                 log.warning("store unavailable, retrying in %.1fs: %s", self.retry_s, exc)
                 await anyio.sleep(self.retry_s)
+        if unacked:
+            with anyio.move_on_after(_COMMIT_TIMEOUT_S, shield=True):
+                await self._commit(model, unacked, subscription, applied_before)
 
     async def _commit(
-        self, model: MetricsModel, deliveries: Sequence[Delivery], subscription: Subscription
+        self,
+        model: MetricsModel,
+        deliveries: Sequence[Delivery],
+        subscription: Subscription,
+        applied_before: int,
     ) -> None:
-        """Fold, save, acknowledge. If saving fails the batch stays unacknowledged and
-        ``model`` keeps it: the next save covers it, or a restart folds it again."""
-        before = model.applied
-        for delivery in deliveries:
-            apply(model, delivery.envelope)
+        """Save, then acknowledge. If saving fails the deliveries stay unacknowledged and
+        ``model`` keeps them: the next save covers them, or a restart folds them again."""
         await self._save(model)
-        self._metrics.events_applied.inc(model.applied - before)
+        self._metrics.events_applied.inc(model.applied - applied_before)
         await subscription.ack(deliveries)
         self._committed.set()
         self._committed = anyio.Event()

@@ -1,0 +1,266 @@
+"""The agent runner: takes scheduled steps of its queues and executes them.
+
+It reads the partition feeds as consumer group ``runner:<queue>`` (one group per queue it
+serves; any number of runner replicas share a group). For a ``step_scheduled`` event of its
+queue it appends ``step_started``, runs the agent (timeout, bulkhead, circuit breaker, result
+cache — see :mod:`services.agents.resilience`) and appends ``step_succeeded`` or
+``step_failed``; a cache hit appends ``step_cache_hit`` and runs nothing. The feed entry is
+acknowledged only after the outcome is appended, so a runner that dies mid-step leaves the
+entry pending and another runner claims it after ``claim_idle`` and runs the step again.
+
+Facts get event ids derived from the attempt (run, step, item, iteration, fallback, attempt),
+so a repeated delivery of the same attempt appends nothing new. While a step runs, its entry
+is touched every ``heartbeat_s`` (so it is not claimed from a live runner) and the run's head
+is checked: a run that became terminal (cancelled, or failed elsewhere) cancels the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
+from opentelemetry.trace import TracerProvider
+
+from eventstore.events import StepCacheHit, StepFailed, StepScheduled, StepStarted, StepSucceeded
+from eventstore.ids import derived_event_id
+from eventstore.store import TERMINAL_STATUSES, Delivery, EventStore, Subscription
+from services.agents.base import AgentContext, AgentError, error_info
+from services.agents.resilience import AgentExecutor
+from services.observability.tracing import RunTracer
+from services.producer import Producer
+
+log = logging.getLogger("flowlog.runner")
+
+
+def group_for(queue: str) -> str:
+    return f"runner:{queue}"
+
+
+def attempt_id(run_id: str, s: StepScheduled, what: str) -> str:
+    """The id of a fact about one attempt: derived from the attempt's idempotency key (which
+    the scheduler makes unique per run generation, step, unit, fallback and attempt), so a
+    repeated delivery of the attempt appends nothing new."""
+    return derived_event_id(run_id, s.idempotency_key, what)
+
+
+class _InFlight:
+    __slots__ = ("delivery", "scope", "subscription")
+
+    def __init__(self, subscription: Subscription, delivery: Delivery) -> None:
+        self.subscription = subscription
+        self.delivery = delivery
+        self.scope = anyio.CancelScope()
+
+
+class RunnerService:
+    """Executes scheduled steps of ``queues`` with at most ``concurrency`` at a time."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        producer: Producer,
+        executor: AgentExecutor,
+        *,
+        consumer: str,
+        queues: Sequence[str] = ("default",),
+        concurrency: int = 32,
+        heartbeat_s: float = 5.0,
+        block_ms: int = 500,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        self.store = store
+        self.producer = producer
+        self.executor = executor
+        self.consumer = consumer
+        self.queues = tuple(queues)
+        self.concurrency = concurrency
+        self.heartbeat_s = heartbeat_s
+        self.block_ms = block_ms
+        self.tracer = RunTracer(store.config, tracer_provider)
+        self.executed = 0
+        self._stop = anyio.Event()
+        self._inflight: dict[int, _InFlight] = {}
+        self._idle = concurrency
+
+    def stop(self) -> None:
+        """Stop taking new steps; steps in hand finish and are acknowledged."""
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        subscriptions = [
+            await self.store.subscribe(group_for(q), self.consumer) for q in self.queues
+        ]
+        send, receive = anyio.create_memory_object_stream[tuple[Subscription, Delivery]](
+            self.concurrency
+        )
+        task_status.started()
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._heartbeat)
+                async with anyio.create_task_group() as workers:
+                    for _ in range(self.concurrency):
+                        workers.start_soon(self._worker, receive.clone())
+                    receive.close()
+                    async with send, anyio.create_task_group() as readers:
+                        for queue, sub in zip(self.queues, subscriptions, strict=True):
+                            readers.start_soon(self._read, queue, sub, send.clone())
+                        await self._stop.wait()
+                        readers.cancel_scope.cancel()
+                    # Workers finish what was handed to them and end when the stream closes.
+                outer.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                for sub in subscriptions:
+                    await sub.close()
+                await self.executor.aclose()
+
+    async def _read(
+        self,
+        queue: str,
+        subscription: Subscription,
+        send: anyio.abc.ObjectSendStream[tuple[Subscription, Delivery]],
+    ) -> None:
+        async with send:
+            while True:
+                want = max(1, self._idle)
+                deliveries = await subscription.fetch(want, self.block_ms)
+                ignore: list[Delivery] = []
+                for delivery in deliveries:
+                    data = delivery.envelope.data
+                    if isinstance(data, StepScheduled) and data.queue == queue:
+                        self._idle -= 1
+                        await send.send((subscription, delivery))
+                    else:
+                        ignore.append(delivery)
+                if ignore:
+                    await subscription.ack(ignore)
+
+    async def _worker(
+        self, receive: MemoryObjectReceiveStream[tuple[Subscription, Delivery]]
+    ) -> None:
+        async with receive:
+            async for subscription, delivery in receive:
+                job = _InFlight(subscription, delivery)
+                self._inflight[id(job)] = job
+                try:
+                    with self.tracer.step(delivery, subscription.group):
+                        await self._execute(job)
+                    await subscription.ack([delivery])
+                finally:
+                    del self._inflight[id(job)]
+                    self._idle += 1
+
+    async def _execute(self, job: _InFlight) -> None:
+        envelope = job.delivery.envelope
+        run_id = envelope.run_id
+        scheduled = envelope.data
+        assert isinstance(scheduled, StepScheduled)
+        ctx = AgentContext.for_step(run_id, scheduled)
+        s = scheduled
+        hit = self.executor.cached(s.agent, s.inputs, s.cache_ttl_s)
+        if hit is not None:
+            await self._append(
+                job,
+                "cache_hit",
+                StepCacheHit(
+                    step=s.step,
+                    attempt=s.attempt,
+                    agent=s.agent,
+                    output=hit.output,
+                    cache_key=hit.key,
+                    item=s.item,
+                    iteration=s.iteration,
+                    fallback_index=s.fallback_index,
+                    idempotency_key=s.idempotency_key,
+                ),
+            )
+            return
+        await self._append(
+            job,
+            "started",
+            StepStarted(
+                step=s.step,
+                attempt=s.attempt,
+                agent=s.agent,
+                runner=self.producer.name,
+                item=s.item,
+                iteration=s.iteration,
+                fallback_index=s.fallback_index,
+                idempotency_key=s.idempotency_key,
+            ),
+        )
+        started = time.perf_counter()
+        outcome: StepSucceeded | StepFailed
+        with job.scope:
+            try:
+                result = await self.executor.execute(s.agent, s.inputs, ctx, s.cache_ttl_s)
+            except Exception as exc:
+                if not isinstance(exc, AgentError):
+                    log.exception("agent raised", extra={"run_id": run_id, "step": s.step})
+                outcome = StepFailed(
+                    step=s.step,
+                    attempt=s.attempt,
+                    agent=s.agent,
+                    error=error_info(exc),
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                    item=s.item,
+                    iteration=s.iteration,
+                    fallback_index=s.fallback_index,
+                    idempotency_key=s.idempotency_key,
+                )
+            else:
+                outcome = StepSucceeded(
+                    step=s.step,
+                    attempt=s.attempt,
+                    agent=s.agent,
+                    output=result.output,
+                    duration_ms=result.duration_ms,
+                    item=s.item,
+                    iteration=s.iteration,
+                    fallback_index=s.fallback_index,
+                    cached=result.cached,
+                    idempotency_key=s.idempotency_key,
+                )
+        if job.scope.cancelled_caught:
+            log.info("step cancelled: run ended", extra={"run_id": run_id, "step": scheduled.step})
+            return
+        self.executed += 1
+        await self._append(job, "finished", outcome)
+
+    async def _append(
+        self,
+        job: _InFlight,
+        what: str,
+        data: StepStarted | StepSucceeded | StepFailed | StepCacheHit,
+    ) -> None:
+        envelope = job.delivery.envelope
+        assert isinstance(envelope.data, StepScheduled)
+        event = self.producer.envelope(
+            envelope.run_id,
+            data,
+            event_id=attempt_id(envelope.run_id, envelope.data, what),
+            causation_id=envelope.event_id,
+            traceparent=self.tracer.fact_traceparent(data, envelope.traceparent),
+        )
+        await self.store.append(envelope.run_id, [event])
+
+    async def _heartbeat(self) -> None:
+        """Touch in-flight entries and cancel steps whose run has ended."""
+        while True:
+            await anyio.sleep(self.heartbeat_s)
+            jobs = list(self._inflight.values())
+            by_sub: dict[int, tuple[Subscription, list[Delivery]]] = {}
+            for job in jobs:
+                by_sub.setdefault(id(job.subscription), (job.subscription, []))[1].append(
+                    job.delivery
+                )
+            for subscription, deliveries in by_sub.values():
+                await subscription.touch(deliveries)
+            for job in jobs:
+                head = await self.store.head(job.delivery.envelope.run_id)
+                if head is None or head.status in TERMINAL_STATUSES:
+                    job.scope.cancel()

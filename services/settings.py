@@ -1,0 +1,78 @@
+"""Settings, read once at the entry point and passed down.
+
+Environment variables use the prefix ``FLOWLOG_`` and ``__`` as the nested delimiter, e.g.
+``FLOWLOG_REDIS_URL``, ``FLOWLOG_STORE__PARTITIONS``; a ``.env`` file in the working directory
+is read too. Secrets are ``SecretStr`` and never logged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from eventstore.store import StoreConfig
+
+
+class StoreSettings(BaseModel):
+    """The event log (see DESIGN.md "The event log")."""
+
+    prefix: str = "flowlog"
+    partitions: int = Field(16, ge=1, le=1024)
+    dedup_ttl_s: float = Field(24 * 3600, gt=0)
+    retention_s: float = Field(7 * 24 * 3600, gt=0)
+    claim_idle_s: float = Field(30.0, gt=0)
+    max_deliveries: int = Field(5, ge=1)
+    max_event_bytes: int = Field(1024 * 1024, ge=1024)
+    spool_path: Path = Path(".flowlog/spool.log")
+
+    def to_config(self) -> StoreConfig:
+        return StoreConfig(
+            prefix=self.prefix,
+            partitions=self.partitions,
+            dedup_ttl_ms=int(self.dedup_ttl_s * 1000),
+            retention_ms=int(self.retention_s * 1000),
+            claim_idle_ms=int(self.claim_idle_s * 1000),
+            max_deliveries=self.max_deliveries,
+            max_event_bytes=self.max_event_bytes,
+        )
+
+
+class RunnerSettings(BaseModel):
+    """The agent runner."""
+
+    queues: list[str] = ["default"]
+    concurrency: int = Field(32, ge=1)
+    heartbeat_s: float = Field(5.0, gt=0)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_reset_s: float = Field(30.0, gt=0)
+    bulkhead: dict[str, int] = {}
+
+
+class CheckpointSettings(BaseModel):
+    """The checkpointer."""
+
+    every_events: int = Field(100, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything a flowlog process is configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLOWLOG_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    redis_url: SecretStr | None = None
+    redis_cluster: bool = False
+    instance: str = ""
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(9400, ge=0, le=65535)
+    log_level: str = "INFO"
+    audit_key: SecretStr | None = None
+    store: StoreSettings = StoreSettings()
+    runner: RunnerSettings = RunnerSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()

@@ -1,0 +1,258 @@
+"""The services as separate OS processes on a real redis-server, driven through the CLI."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+from support.processes import REPO, Cluster
+
+from eventstore.events import Envelope, StepScheduled, StepStarted, StepSucceeded
+from eventstore.redis_store import RedisStore
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.anyio]
+
+EXAMPLES = REPO / "examples"
+
+
+async def events_of(store: RedisStore, run_id: str) -> list[Envelope]:
+    return [e async for e in store.read_run(run_id)]
+
+
+async def wait_for_event(
+    store: RedisStore, run_id: str, kind: type, timeout_s: float = 30
+) -> Envelope:
+    """Follow the run's stream until an event of ``kind`` appears."""
+    with anyio.fail_after(timeout_s):
+        while True:
+            for event in await events_of(store, run_id):
+                if isinstance(event.data, kind):
+                    return event
+            await anyio.sleep(0.05)
+
+
+def write(tmp: Path, name: str, text: str) -> Path:
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+async def test_examples_complete_with_expected_outputs(services: Cluster) -> None:
+    for name in ("scheduler", "runner", "checkpointer", "metrics"):
+        services.start(name)
+    for example in sorted(EXAMPLES.glob("*.yaml")):
+        result = services.cli_json("submit", str(example), "--wait", "--timeout", "60")
+        assert result["status"] == "completed", (example.name, result)
+    listed = services.cli_json("runs", "list", "--workflow", "order-pipeline")
+    (run,) = listed
+    shown = services.cli_json("runs", "show", run["run_id"])
+    steps = shown["steps"]
+    assert shown["status"] == "completed"
+    assert steps["fetch"]["output"] == {"n": 3}
+    assert steps["check"]["output"] == 3
+    assert steps["each"]["output"] == [1, 2, 3]
+    assert steps["poll"]["status"] == "succeeded"
+
+
+async def test_two_schedulers_and_two_runners_execute_every_step_once(
+    services: Cluster, store: RedisStore
+) -> None:
+    for name in ("scheduler", "scheduler", "runner", "runner"):
+        services.start(name)
+    run_ids = [
+        services.cli_json("submit", str(EXAMPLES / "fan-out.yaml"))["run_id"] for _ in range(6)
+    ]
+    run_ids += [
+        services.cli_json("submit", str(EXAMPLES / "parallel.yaml"))["run_id"] for _ in range(6)
+    ]
+    for run_id in run_ids:
+        final = services.cli_json("runs", "show", run_id)
+        with anyio.fail_after(60):
+            while final["status"] not in ("completed", "failed", "cancelled"):
+                await anyio.sleep(0.1)
+                final = services.cli_json("runs", "show", run_id)
+        assert final["status"] == "completed"
+        events = await events_of(store, run_id)
+        units = Counter(
+            (e.data.step, e.data.item, e.data.iteration, e.data.attempt)
+            for e in events
+            if isinstance(e.data, StepSucceeded)
+        )
+        scheduled = Counter(
+            (e.data.step, e.data.item, e.data.iteration, e.data.attempt)
+            for e in events
+            if isinstance(e.data, StepScheduled)
+        )
+        started = Counter(
+            (e.data.step, e.data.item, e.data.iteration, e.data.attempt)
+            for e in events
+            if isinstance(e.data, StepStarted)
+        )
+        assert set(units) == set(scheduled)
+        assert all(n == 1 for n in units.values()), units
+        assert all(n == 1 for n in scheduled.values()), scheduled
+        assert all(n == 1 for n in started.values()), started
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_runner_killed_mid_step_is_reclaimed(
+    services: Cluster, store: RedisStore, tmp_path: Path
+) -> None:
+    definition = write(
+        tmp_path,
+        "slow.yaml",
+        """
+name: slow
+steps:
+  - id: long
+    agent: sleep
+    with: {seconds: 2}
+  - id: after
+    agent: echo
+    depends_on: [long]
+    with: {value: done}
+""",
+    )
+    services.start("scheduler")
+    runners = [services.start("runner"), services.start("runner")]
+    run_id = services.cli_json("submit", str(definition))["run_id"]
+    started = await wait_for_event(store, run_id, StepStarted)
+    victim = next(r for r in runners if started.producer.endswith(r.instance))
+    victim.kill()
+    final = services.cli_json("runs", "show", run_id)
+    with anyio.fail_after(60):
+        while final["status"] != "completed":
+            await anyio.sleep(0.1)
+            final = services.cli_json("runs", "show", run_id)
+    starts = [
+        e
+        for e in await events_of(store, run_id)
+        if isinstance(e.data, StepStarted) and e.data.step == "long"
+    ]
+    assert len(starts) == 2
+    assert starts[0].producer != starts[1].producer
+    assert final["steps"]["after"]["output"] == "done"
+
+
+async def test_pause_resume_cancel_and_retry_across_processes(
+    services: Cluster, store: RedisStore, tmp_path: Path
+) -> None:
+    services.start("scheduler")
+    services.start("runner")
+    gated = write(
+        tmp_path,
+        "gated.yaml",
+        """
+name: gated
+steps:
+  - id: first
+    agent: sleep
+    with: {seconds: 0.5}
+  - id: second
+    agent: echo
+    depends_on: [first]
+    with: {value: 2}
+""",
+    )
+    run_id = services.cli_json("submit", str(gated))["run_id"]
+    await wait_for_event(store, run_id, StepStarted)
+    services.cli_json("runs", "pause", run_id)
+    await wait_for_event(store, run_id, StepSucceeded)
+    shown = services.cli_json("runs", "show", run_id)
+    assert shown["status"] == "paused"
+    assert shown["steps"]["first"]["status"] == "succeeded"
+    assert shown["steps"]["second"]["status"] == "pending"
+    services.cli_json("runs", "resume", run_id)
+    result = services.cli_json("runs", "show", run_id)
+    with anyio.fail_after(30):
+        while result["status"] != "completed":
+            await anyio.sleep(0.05)
+            result = services.cli_json("runs", "show", run_id)
+    assert result["steps"]["second"]["output"] == 2
+
+    endless = write(
+        tmp_path,
+        "endless.yaml",
+        "name: endless\nsteps:\n  - {id: wait, agent: sleep, with: {seconds: 300}}\n",
+    )
+    run_id = services.cli_json("submit", str(endless))["run_id"]
+    await wait_for_event(store, run_id, StepStarted)
+    services.cli_json("runs", "cancel", run_id)
+    with anyio.fail_after(30):
+        shown = services.cli_json("runs", "show", run_id)
+        while shown["status"] != "cancelled":
+            await anyio.sleep(0.05)
+            shown = services.cli_json("runs", "show", run_id)
+    assert shown["steps"]["wait"]["status"] == "cancelled"
+
+    marker = tmp_path / "ready"
+    fragile = write(
+        tmp_path,
+        "fragile.yaml",
+        f"""
+name: fragile
+steps:
+  - id: gate
+    agent: shell
+    with:
+      argv: ["python3", "-c", "import os, sys; sys.exit(0 if os.path.exists(sys.argv[1]) else 4)",
+             {str(marker)!r}]
+    retry: {{max_attempts: 1}}
+  - id: after
+    agent: echo
+    depends_on: [gate]
+    with: {{value: ok}}
+""",
+    )
+    failed = services.cli_json("submit", str(fragile), "--wait", "--timeout", "60", check=False)
+    assert failed["status"] == "failed"
+    marker.write_text("")
+    services.cli_json("runs", "retry", failed["run_id"], "--from-step", "gate")
+    with anyio.fail_after(30):
+        shown = services.cli_json("runs", "show", failed["run_id"])
+        while shown["status"] != "completed":
+            await anyio.sleep(0.05)
+            shown = services.cli_json("runs", "show", failed["run_id"])
+    assert shown["steps"]["after"]["output"] == "ok"
+
+
+async def test_shell_arguments_from_templates_are_never_interpreted(
+    services: Cluster, tmp_path: Path
+) -> None:
+    services.start("scheduler")
+    services.start("runner")
+    pwned = tmp_path / "pwned"
+    definition = write(
+        tmp_path,
+        "echoargs.yaml",
+        """
+name: echoargs
+inputs: {payload: ""}
+steps:
+  - id: run
+    agent: shell
+    with:
+      argv: ["python3", "-c", "import json, sys; print(json.dumps(sys.argv[1:]))",
+             "${{ inputs.payload }}", "pre-${{ inputs.payload }}"]
+""",
+    )
+    attacks = [
+        f"$(touch {pwned})",
+        f"`touch {pwned}`",
+        f"; touch {pwned}",
+        f"&& touch {pwned} ||",
+        f"| touch {pwned}",
+        "$HOME ${PATH} 'quoted' \"double\" \\ \n newline",
+    ]
+    for attack in attacks:
+        quoted = msgspec.json.encode(attack).decode()  # a YAML double-quoted scalar
+        result = services.cli_json(
+            "submit", str(definition), "--input", f"payload={quoted}", "--wait", "--timeout", "60"
+        )
+        assert result["status"] == "completed"
+        shown = services.cli_json("runs", "show", result["run_id"])
+        assert shown["steps"]["run"]["output"] == [attack, f"pre-{attack}"]
+    assert not pwned.exists()
