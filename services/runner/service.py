@@ -181,7 +181,8 @@ class RunnerService:
             return
         await self._append(
             job,
-            "started",
+            # A claimed re-delivery records its own start: the timeline shows the re-run.
+            f"started:{job.delivery.deliveries}",
             StepStarted(
                 step=s.step,
                 attempt=s.attempt,

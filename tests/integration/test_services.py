@@ -127,13 +127,13 @@ steps:
         while final["status"] != "completed":
             await anyio.sleep(0.1)
             final = services.cli_json("runs", "show", run_id)
-    starts = [
-        e
-        for e in await events_of(store, run_id)
-        if isinstance(e.data, StepStarted) and e.data.step == "long"
-    ]
+    events = await events_of(store, run_id)
+    starts = [e for e in events if isinstance(e.data, StepStarted) and e.data.step == "long"]
+    (success,) = [e for e in events if isinstance(e.data, StepSucceeded) and e.data.step == "long"]
     assert len(starts) == 2
-    assert starts[0].producer != starts[1].producer
+    assert starts[0].producer.endswith(victim.instance)
+    assert not starts[1].producer.endswith(victim.instance)
+    assert success.producer == starts[1].producer
     assert final["steps"]["after"]["output"] == "done"
 
 
