@@ -30,9 +30,7 @@ class ConcurrencyConflict(StoreError):
     """
 
     def __init__(self, run_id: str, expected: int, current: int) -> None:
-        super().__init__(
-            f"run {run_id!r}: expected seq {expected} but the run is at seq {current}"
-        )
+        super().__init__(f"run {run_id!r}: expected seq {expected} but the run is at seq {current}")
         self.run_id = run_id
         self.expected = expected
         self.current = current

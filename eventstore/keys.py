@@ -55,3 +55,26 @@ class Keys:
 
     def dead(self, partition: int) -> str:
         return f"{self.tag(partition)}:dead"
+
+    def for_run(self, run_id: str) -> RunKeys:
+        """Every key of one run and of its partition, the partition computed once."""
+        return RunKeys(self, run_id)
+
+
+class RunKeys:
+    """The keys of one run and of its partition (see :meth:`Keys.for_run`)."""
+
+    __slots__ = ("_dedup_prefix", "feed", "head", "partition", "run", "runs", "snap")
+
+    def __init__(self, keys: Keys, run_id: str) -> None:
+        self.partition = keys.partition(run_id)
+        tag = keys.tag(self.partition)
+        self.run = f"{tag}:run:{run_id}"
+        self.head = f"{tag}:head:{run_id}"
+        self.snap = f"{tag}:snap:{run_id}"
+        self.feed = keys.feed(self.partition)
+        self.runs = keys.runs(self.partition)
+        self._dedup_prefix = f"{tag}:dedup:"
+
+    def dedup(self, event_id: str) -> str:
+        return self._dedup_prefix + event_id

@@ -257,10 +257,12 @@ class MemorySubscription:
                 claimable.append(pending)
             for pending in claimable:
                 self._redeliver(group, pending, now, out)
+        feeds = self._store._feeds
         for group in rotated:
             if len(out) >= max_count:
                 break
-            self._deliver_new(group, now, max_count - len(out), out)
+            if group.cursor < feeds[group.partition].end:
+                self._deliver_new(group, now, max_count - len(out), out)
         return out
 
     def _redeliver(self, group: _Group, pending: _Pending, now: int, out: list[Delivery]) -> None:

@@ -218,7 +218,9 @@ class EventStore(Protocol):
         """Add or move a timer (same run_id and timer_id replaces it)."""
         ...
 
-    async def due_timers(self, now_ms: int, limit: int = 100, lease_ms: int = 30_000) -> list[Timer]:
+    async def due_timers(
+        self, now_ms: int, limit: int = 100, lease_ms: int = 30_000
+    ) -> list[Timer]:
         """Timers due at ``now_ms``; each is leased (moved to ``now_ms + lease_ms``) until
         cancelled, so a crash between taking and handling a timer only delays it."""
         ...

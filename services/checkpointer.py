@@ -14,9 +14,10 @@ from collections.abc import Sequence
 import anyio
 from anyio.abc import TaskStatus
 
-from eventstore.events import CheckpointTaken
+from eventstore.events import CheckpointTaken, Envelope
 from eventstore.ids import derived_event_id
 from eventstore.store import TERMINAL_STATUSES, Delivery, EventStore
+from projections.run_state import RunState
 from services.producer import Producer
 from services.runs import RunLoader, snapshot_of
 
@@ -65,23 +66,21 @@ class Checkpointer:
                 await subscription.close()
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
-        due: set[str] = set()
+        by_run: dict[str, list[Envelope]] = {}
         for delivery in deliveries:
-            event = delivery.envelope
-            if isinstance(event.data, CheckpointTaken):
-                continue
-            if event.seq % self.every == 0 or event.type in _ENDING:
-                due.add(event.run_id)
-        for run_id in due:
-            await self.checkpoint(run_id)
+            by_run.setdefault(delivery.envelope.run_id, []).append(delivery.envelope)
+        for run_id, events in by_run.items():
+            due = any(
+                e.type in _ENDING or (e.seq % self.every == 0 and e.type != "checkpoint_taken")
+                for e in events
+            )
+            state = await self.loader.advance(run_id, events)
+            if state is not None and due:
+                await self.checkpoint(state)
 
-    async def checkpoint(self, run_id: str) -> None:
-        """Snapshot the run's current state and record it in the log."""
-        state = await self.loader.load(run_id)
-        if state is None:
-            return
-        if state.checkpoint_seq >= state.seq - 1 and state.seq > 1:
-            return
+    async def checkpoint(self, state: RunState) -> None:
+        """Snapshot ``state`` and record it in the log."""
+        run_id = state.run_id
         await self.store.put_snapshot(snapshot_of(state))
         self.snapshots += 1
         event = self.producer.envelope(

@@ -85,6 +85,20 @@ class RunLoader:
             self.remember(state)
         return state
 
+    async def advance(self, run_id: str, events: Iterable[Envelope]) -> RunState | None:
+        """The run's state after ``events`` (delivered from a feed, in seq order): applied to
+        the cached state when they are its next events, else loaded from the store."""
+        state = self._states.get(run_id)
+        if state is None:
+            return await self.load(run_id)
+        for event in events:
+            if event.seq == state.seq + 1:
+                state = evolve(state, event)
+            elif event.seq > state.seq + 1:
+                return await self.load(run_id)
+        self.remember(state)
+        return state
+
     def definition(self, state: RunState) -> WorkflowDef:
         """The definition the run was submitted with (parsed once per digest)."""
         found = self._definitions.get(state.digest)

@@ -12,4 +12,3 @@ pytest_plugins = ("support.redis_server",)
 def anyio_backend() -> str:
     """Async tests run on asyncio (the backend the services use)."""
     return "asyncio"
-

@@ -1,0 +1,148 @@
+"""The append script's calling convention (one run batch in, per-event results out) and the
+layout of the stream entries it writes.
+
+Python validates, encodes and size-checks every event before anything is sent; the script
+(``append.lua``) does the dedup lookups, the expected-seq check and the writes atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+import msgspec
+
+from eventstore import codec
+from eventstore.errors import EventTooLarge, InvalidAppend
+from eventstore.events import Envelope
+from eventstore.keys import Keys, RunKeys
+from eventstore.store import (
+    STATUS_BY_EVENT_TYPE,
+    TERMINAL_STATUSES,
+    AppendResult,
+    Outcome,
+    StoreConfig,
+)
+
+_TERMINAL: Final = " ".join(sorted(TERMINAL_STATUSES)).encode()
+_STATUS: Final = {
+    event_type: status.encode() for event_type, status in STATUS_BY_EVENT_TYPE.items()
+}
+_OUTCOMES: Final = {
+    b"a": Outcome.APPENDED,
+    b"d": Outcome.DUPLICATE,
+    b"m": Outcome.MISMATCH,
+    b"c": Outcome.CONFLICT,
+}
+_REPLY_WIDTH: Final = 4
+
+
+class PreparedAppend:
+    """One run batch, validated and encoded, ready to become an ``append.lua`` call."""
+
+    __slots__ = ("events", "expected_seq", "keys", "raws", "run_id")
+
+    def __init__(
+        self,
+        keys: RunKeys,
+        run_id: str,
+        events: Sequence[Envelope],
+        raws: list[bytes],
+        expected_seq: int | None,
+    ) -> None:
+        self.keys = keys
+        self.run_id = run_id
+        self.events = events
+        self.raws = raws
+        self.expected_seq = expected_seq
+
+    def script_call(self, config: StoreConfig) -> tuple[list[bytes], list[bytes]]:
+        """The script's KEYS and ARGV, encoded (payload digests and key names are computed
+        here, so a caller can do it while earlier calls already run on the server)."""
+        keys = self.keys
+        call_keys = [
+            keys.run.encode(),
+            keys.head.encode(),
+            keys.feed.encode(),
+            keys.runs.encode(),
+            keys.snap.encode(),
+        ]
+        args = [
+            self.run_id.encode(),
+            b"-1" if self.expected_seq is None else b"%d" % self.expected_seq,
+            b"%d" % config.dedup_ttl_ms,
+            b"%d" % config.retention_ms,
+            _TERMINAL,
+        ]
+        for envelope, raw in zip(self.events, self.raws, strict=True):
+            call_keys.append(keys.dedup(envelope.event_id).encode())
+            args += (
+                codec.payload_digest(envelope).encode(),
+                raw,
+                _STATUS.get(envelope.type, b""),
+            )
+        return call_keys, args
+
+    def results(self, reply: Sequence[Any]) -> list[AppendResult]:
+        """Turn the script's flat reply (outcome, seq, entry id, current seq per event) into
+        :class:`AppendResult` values."""
+        out = []
+        for index, envelope in enumerate(self.events):
+            code, seq, entry_id, current = reply[index * _REPLY_WIDTH : (index + 1) * _REPLY_WIDTH]
+            out.append(
+                AppendResult(
+                    event_id=envelope.event_id,
+                    outcome=_OUTCOMES[code],
+                    seq=seq,
+                    entry_id=entry_id.decode(),
+                    current_seq=current,
+                )
+            )
+        return out
+
+
+def prepare(
+    keys: Keys,
+    config: StoreConfig,
+    run_id: str,
+    events: Sequence[Envelope],
+    expected_seq: int | None,
+) -> PreparedAppend:
+    """Validate and encode one run batch; raises before anything is sent.
+
+    Raises :class:`InvalidAppend` (no run id, an event of another run, an empty event id, a
+    negative expected seq) and :class:`EventTooLarge` (encoded over ``max_event_bytes``).
+    """
+    if not run_id:
+        raise InvalidAppend("an append needs a run id")
+    if expected_seq is not None and expected_seq < 0:
+        raise InvalidAppend(f"run {run_id!r}: expected seq {expected_seq} is negative")
+    raws = []
+    limit = config.max_event_bytes
+    for envelope in events:
+        event_id = envelope.event_id
+        if envelope.run_id != run_id:
+            raise InvalidAppend(
+                f"event {event_id!r} belongs to run {envelope.run_id!r}, not to run {run_id!r}"
+            )
+        if not event_id:
+            raise InvalidAppend(f"an event of run {run_id!r} has an empty event id")
+        raw = codec.encode(msgspec.structs.replace(envelope, seq=0) if envelope.seq else envelope)
+        if len(raw) > limit:
+            raise EventTooLarge(event_id, len(raw), limit)
+        raws.append(raw)
+    return PreparedAppend(keys.for_run(run_id), run_id, events, raws, expected_seq)
+
+
+def entry_payload(fields: Sequence[bytes] | None) -> tuple[int, bytes] | None:
+    """``(seq, envelope bytes)`` of a stream entry's field list, or None if it has none."""
+    if not fields:
+        return None
+    if len(fields) >= 4 and fields[0] == b"s" and fields[2] == b"e":
+        seq_field, raw = fields[1], fields[3]
+    else:
+        found = dict(zip(fields[::2], fields[1::2], strict=False))
+        if b"e" not in found:
+            return None
+        seq_field, raw = found.get(b"s", b"0"), found[b"e"]
+    return (int(seq_field) if seq_field.isdigit() else 0), raw

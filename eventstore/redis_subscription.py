@@ -1,0 +1,292 @@
+"""Consumer-group subscriptions over the partition feeds of the redis backend.
+
+A fetch fills up to ``max_count`` deliveries, in this order:
+
+1. entries read but not yet handed out (a multi-feed read can return more than asked for; the
+   surplus is kept here and is already in this consumer's pending list);
+2. this consumer's own pending entries as they were at its first fetch (a restarted consumer
+   picks up what it had in flight), each handed out again once;
+3. entries of any consumer idle for ``claim_idle_ms`` or longer (claimed);
+4. new entries: one ``XREADGROUP ... >`` over every feed, blocking up to ``block_ms`` only if
+   nothing else was found.
+
+Entries due a delivery beyond ``max_deliveries``, and entries that do not decode, go to the
+partition's dead-letter stream and are acknowledged; the consumer carries on.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import anyio
+import redis.asyncio as aioredis
+
+from eventstore import codec
+from eventstore.errors import DecodeError, StoreClosed, StoreUnavailable
+from eventstore.events import Envelope
+from eventstore.keys import Keys
+from eventstore.redis_append import entry_payload
+from eventstore.redis_conn import Key, LuaScript, command, translate_errors
+from eventstore.store import REASON_MAX_DELIVERIES, REASON_UNDECODABLE, Delivery, StoreConfig
+
+_PENDING_PAGE: Final = 1000
+#: How much longer than ``block_ms`` a blocking read may take before the server counts as gone.
+_BLOCK_GRACE_S: Final = 10.0
+
+
+class FeedScripts:
+    """The Lua scripts a subscription runs (loaded once per store)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redeliver = LuaScript(client, "redeliver.lua")
+        self.dead_letter = LuaScript(client, "dead_letter.lua")
+
+
+class RedisSubscription:
+    """One consumer of a consumer group over every partition feed (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        client: aioredis.Redis,
+        blocking: aioredis.Redis,
+        scripts: FeedScripts,
+        keys: Keys,
+        config: StoreConfig,
+        url: str,
+        group: str,
+        consumer: str,
+        on_close: Callable[[RedisSubscription], None],
+    ) -> None:
+        self._client = client
+        self._blocking = blocking
+        self._scripts = scripts
+        self._keys = keys
+        self._config = config
+        self._url = url
+        self._group = group
+        self._consumer = consumer
+        self._feeds = [keys.feed(p) for p in range(keys.partitions)]
+        self._partition_of = {feed.encode(): p for p, feed in enumerate(self._feeds)}
+        self._surplus: deque[Delivery] = deque()
+        self._own: deque[tuple[int, bytes]] | None = None
+        self._read_scope: anyio.CancelScope | None = None
+        self._on_close = on_close
+        self._closed = False
+
+    @property
+    def group(self) -> str:
+        return self._group
+
+    @property
+    def consumer(self) -> str:
+        return self._consumer
+
+    async def fetch(self, max_count: int = 100, block_ms: int = 1000) -> list[Delivery]:
+        """Own pending first, then claimed idle entries, then new entries (see module doc)."""
+        self._check_open()
+        out: list[Delivery] = []
+        while self._surplus and len(out) < max_count:
+            out.append(self._surplus.popleft())
+        with translate_errors(self._url):
+            if len(out) < max_count:
+                await self._own_pending(max_count, out)
+            if len(out) < max_count:
+                await self._claim_idle(max_count, out)
+            if len(out) < max_count:
+                await self._read_new(max_count, 0 if out else block_ms, out)
+        return out
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge the entries: they leave the group's pending list."""
+        self._check_open()
+        if not deliveries:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for partition, ids in _by_partition(deliveries).items():
+            pipe.xack(self._feeds[partition], self._group, *ids)
+        with translate_errors(self._url):
+            await pipe.execute()
+
+    async def touch(self, deliveries: Sequence[Delivery]) -> None:
+        """Reset the idle time of the entries (and of read-ahead ones) and own them."""
+        self._check_open()
+        by_partition = _by_partition([*deliveries, *self._surplus])
+        if not by_partition:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for partition, ids in by_partition.items():
+            pipe.execute_command(
+                "XCLAIM", self._feeds[partition], self._group, self._consumer, 0, *ids, "JUSTID"
+            )
+        with translate_errors(self._url):
+            await pipe.execute()
+
+    async def close(self) -> None:
+        """Stop this consumer: a blocked fetch returns; pending entries stay with the group."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+        self._on_close(self)
+        with anyio.CancelScope(shield=True):
+            await self._blocking.aclose(close_connection_pool=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"subscription {self._group}/{self._consumer} is closed")
+
+    async def _own_pending(self, max_count: int, out: list[Delivery]) -> None:
+        if self._own is None:
+            self._own = await self._own_snapshot()
+        while self._own and len(out) < max_count:
+            batch: dict[int, list[bytes]] = {}
+            for _ in range(min(max_count - len(out), len(self._own))):
+                partition, entry_id = self._own.popleft()
+                batch.setdefault(partition, []).append(entry_id)
+            await self._redeliver(batch, min_idle_ms=0, own_only=True, out=out)
+
+    async def _own_snapshot(self) -> deque[tuple[int, bytes]]:
+        own: deque[tuple[int, bytes]] = deque()
+        starts: dict[int, bytes] = dict.fromkeys(range(len(self._feeds)), b"-")
+        while starts:
+            pipe = self._client.pipeline(transaction=False)
+            for partition, start in starts.items():
+                pipe.execute_command(
+                    "XPENDING", self._feeds[partition], self._group,
+                    start, "+", _PENDING_PAGE, self._consumer,
+                )  # fmt: skip
+            replies = await pipe.execute()
+            next_starts: dict[int, bytes] = {}
+            for partition, reply in zip(starts, replies, strict=True):
+                own.extend((partition, row[0]) for row in reply)
+                if len(reply) == _PENDING_PAGE:
+                    next_starts[partition] = b"(" + reply[-1][0]
+            starts = next_starts
+        return own
+
+    async def _claim_idle(self, max_count: int, out: list[Delivery]) -> None:
+        room = max_count - len(out)
+        pipe = self._client.pipeline(transaction=False)
+        for feed in self._feeds:
+            pipe.execute_command(
+                "XPENDING", feed, self._group, "IDLE", self._config.claim_idle_ms, "-", "+", room
+            )
+        replies = await pipe.execute()
+        batch: dict[int, list[bytes]] = {}
+        for partition, reply in enumerate(replies):
+            for row in reply:
+                if room == 0:
+                    break
+                batch.setdefault(partition, []).append(row[0])
+                room -= 1
+        if batch:
+            await self._redeliver(
+                batch, min_idle_ms=self._config.claim_idle_ms, own_only=False, out=out
+            )
+
+    async def _redeliver(
+        self,
+        batch: dict[int, list[bytes]],
+        *,
+        min_idle_ms: int,
+        own_only: bool,
+        out: list[Delivery],
+    ) -> None:
+        calls: list[tuple[Sequence[Key], Sequence[Any]]] = [
+            (
+                [self._feeds[partition], self._keys.dead(partition)],
+                [
+                    self._group,
+                    self._consumer,
+                    min_idle_ms,
+                    self._config.max_deliveries,
+                    "1" if own_only else "0",
+                    REASON_MAX_DELIVERIES,
+                    *ids,
+                ],
+            )
+            for partition, ids in batch.items()
+        ]
+        replies = await self._scripts.redeliver.run_many(calls)
+        for partition, reply in zip(batch, replies, strict=True):
+            for i in range(0, len(reply), 3):
+                await self._hand(partition, reply[i], reply[i + 1], reply[i + 2], out)
+
+    async def _read_new(self, max_count: int, block_ms: int, out: list[Delivery]) -> None:
+        room = max_count - len(out)
+        args: list[Any] = ["XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", room]
+        if block_ms > 0:
+            args += ["BLOCK", block_ms]
+        args += ["STREAMS", *self._feeds, *[">"] * len(self._feeds)]
+        if block_ms > 0:
+            reply = await self._blocking_read(args, block_ms)
+        else:
+            reply = await command(self._client, *args)
+        for feed, entries in reply or ():
+            partition = self._partition_of[feed]
+            for entry_id, fields in entries:
+                target = out if len(out) < max_count else None
+                await self._hand(partition, entry_id, 1, fields, target)
+
+    async def _blocking_read(self, args: list[Any], block_ms: int) -> Any:
+        with anyio.CancelScope() as scope:
+            self._read_scope = scope
+            try:
+                with anyio.fail_after(block_ms / 1000 + _BLOCK_GRACE_S):
+                    return await command(self._blocking, *args)
+            except TimeoutError as exc:
+                raise StoreUnavailable(
+                    f"redis at {self._url} did not answer a {block_ms} ms blocking read"
+                    f" within {_BLOCK_GRACE_S} s more"
+                ) from exc
+            finally:
+                self._read_scope = None
+        return None
+
+    async def _hand(
+        self,
+        partition: int,
+        entry_id: bytes,
+        deliveries: int,
+        fields: Sequence[bytes] | None,
+        out: list[Delivery] | None,
+    ) -> None:
+        """Decode one entry into ``out`` (or the surplus when ``out`` is None); an entry that
+        does not decode is dead-lettered and acknowledged instead."""
+        entry = entry_id.decode()
+        where = f"feed {partition} entry {entry}"
+        payload = entry_payload(fields)
+        raw = b"" if payload is None else payload[1]
+        try:
+            envelope = _decode(payload, where)
+        except DecodeError as exc:
+            await self._scripts.dead_letter(
+                [self._feeds[partition], self._keys.dead(partition)],
+                [self._group, entry_id, f"{REASON_UNDECODABLE}: {exc}", deliveries, raw],
+            )
+            return
+        delivery = Delivery(
+            envelope=envelope, partition=partition, entry_id=entry, deliveries=deliveries
+        )
+        if out is None:
+            self._surplus.append(delivery)
+        else:
+            out.append(delivery)
+
+
+def _decode(payload: tuple[int, bytes] | None, where: str) -> Envelope:
+    if payload is None:
+        raise DecodeError(f"{where}: the entry holds no event bytes")
+    seq, raw = payload
+    return codec.decode(raw, seq=seq, where=where)
+
+
+def _by_partition(deliveries: Sequence[Delivery]) -> dict[int, list[str]]:
+    grouped: dict[int, list[str]] = {}
+    for delivery in deliveries:
+        grouped.setdefault(delivery.partition, []).append(delivery.entry_id)
+    return grouped
