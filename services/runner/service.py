@@ -27,9 +27,17 @@ from opentelemetry.trace import TracerProvider
 
 from eventstore.events import StepCacheHit, StepFailed, StepScheduled, StepStarted, StepSucceeded
 from eventstore.ids import derived_event_id
-from eventstore.store import TERMINAL_STATUSES, Delivery, EventStore, Subscription
+from eventstore.store import (
+    TERMINAL_STATUSES,
+    AppendRequest,
+    AppendResult,
+    Delivery,
+    EventStore,
+    Subscription,
+)
 from services.agents.base import AgentContext, AgentError, error_info
 from services.agents.resilience import AgentExecutor
+from services.group_commit import GroupCommit
 from services.observability.tracing import RunTracer
 from services.producer import Producer
 
@@ -85,6 +93,11 @@ class RunnerService:
         self._stop = anyio.Event()
         self._inflight: dict[int, _InFlight] = {}
         self._idle = concurrency
+        # Workers' appends and acks go out in batches: one round trip per batch, not per step.
+        self._appends: GroupCommit[AppendRequest, list[AppendResult]] = GroupCommit(
+            store.append_many
+        )
+        self._acks: dict[int, GroupCommit[Delivery, None]] = {}
 
     def stop(self) -> None:
         """Stop taking new steps; steps in hand finish and are acknowledged."""
@@ -101,6 +114,9 @@ class RunnerService:
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._heartbeat)
+                await outer.start(self._appends.run)
+                for sub in subscriptions:
+                    await outer.start(self._ack_commit(sub).run)
                 async with anyio.create_task_group() as workers:
                     for _ in range(self.concurrency):
                         workers.start_soon(self._worker, receive.clone())
@@ -149,7 +165,7 @@ class RunnerService:
                 try:
                     with self.tracer.step(delivery, subscription.group):
                         await self._execute(job)
-                    await subscription.ack([delivery])
+                    await self._acks[id(subscription)].submit(delivery)
                 finally:
                     del self._inflight[id(job)]
                     self._idle += 1
@@ -247,7 +263,16 @@ class RunnerService:
             causation_id=envelope.event_id,
             traceparent=self.tracer.fact_traceparent(data, envelope.traceparent),
         )
-        await self.store.append(envelope.run_id, [event])
+        await self._appends.submit(AppendRequest(run_id=envelope.run_id, events=[event]))
+
+    def _ack_commit(self, subscription: Subscription) -> GroupCommit[Delivery, None]:
+        async def ack(deliveries: Sequence[Delivery]) -> list[None]:
+            await subscription.ack(deliveries)
+            return [None] * len(deliveries)
+
+        commit: GroupCommit[Delivery, None] = GroupCommit(ack)
+        self._acks[id(subscription)] = commit
+        return commit
 
     async def _heartbeat(self) -> None:
         """Touch in-flight entries and cancel steps whose run has ended."""

@@ -16,6 +16,8 @@ from eventstore.redis_store import RedisStore
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.anyio]
 
 EXAMPLES = REPO / "examples"
+# A step that runs until the test creates the file named by its argument.
+WAIT_FOR_FILE = "import os, sys, time\\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.02)"
 
 
 async def events_of(store: RedisStore, run_id: str) -> list[Envelope]:
@@ -31,6 +33,16 @@ async def wait_for_event(
             for event in await events_of(store, run_id):
                 if isinstance(event.data, kind):
                     return event
+            await anyio.sleep(0.05)
+
+
+async def scheduler_caught_up(store: RedisStore, timeout_s: float = 30) -> None:
+    """Wait until the scheduler group has read and acknowledged every feed entry."""
+    with anyio.fail_after(timeout_s):
+        while True:
+            groups = [g for g in await store.group_info() if g.group == "scheduler"]
+            if groups and all(g.pending == 0 and g.lag == 0 for g in groups):
+                return
             await anyio.sleep(0.05)
 
 
@@ -142,25 +154,29 @@ async def test_pause_resume_cancel_and_retry_across_processes(
 ) -> None:
     services.start("scheduler")
     services.start("runner")
+    gate = tmp_path / "gate"
     gated = write(
         tmp_path,
         "gated.yaml",
-        """
+        f"""
 name: gated
 steps:
   - id: first
-    agent: sleep
-    with: {seconds: 0.5}
+    agent: shell
+    with:
+      argv: ["python3", "-c", "{WAIT_FOR_FILE}", {str(gate)!r}]
   - id: second
     agent: echo
     depends_on: [first]
-    with: {value: 2}
+    with: {{value: 2}}
 """,
     )
     run_id = services.cli_json("submit", str(gated))["run_id"]
     await wait_for_event(store, run_id, StepStarted)
     services.cli_json("runs", "pause", run_id)
+    gate.write_text("")
     await wait_for_event(store, run_id, StepSucceeded)
+    await scheduler_caught_up(store)
     shown = services.cli_json("runs", "show", run_id)
     assert shown["status"] == "paused"
     assert shown["steps"]["first"]["status"] == "succeeded"
