@@ -21,6 +21,8 @@ from eventstore.errors import StoreUnavailable
 from eventstore.store import EventStore
 from services.agents.resilience import AgentExecutor
 from services.observability.http import HealthServer
+from services.observability.instrumented import InstrumentedStore
+from services.observability.prometheus import ProcessMetrics
 from services.observability.tracing import flush_tracing
 from services.producer import Producer, default_instance
 from services.runner.service import RunnerService
@@ -28,6 +30,9 @@ from services.scheduler.service import SchedulerService
 from services.settings import Settings
 
 log = logging.getLogger("flowlog.app")
+
+#: The consumer name of the (single) metrics projector in its group.
+GROUP_CONSUMER = "projector"
 
 
 class Service(Protocol):
@@ -69,7 +74,10 @@ def build_services(
         elif name == "metrics":
             from services.metrics_projector import MetricsProjector
 
-            services.append(MetricsProjector(store, registry=registry, consumer=instance))
+            # One projector per store, always under one consumer name: a restarted projector
+            # (new pid, new host) gets the entries its predecessor left pending first, so
+            # every run's events still arrive in order.
+            services.append(MetricsProjector(store, registry=registry, consumer=GROUP_CONSUMER))
         else:
             raise ValueError(f"unknown service {name!r}")
     return services
@@ -107,6 +115,7 @@ async def serve(
     buffered trace spans are exported before it returns."""
     stop = stop or anyio.Event()
     registry = CollectorRegistry()
+    store = InstrumentedStore(store, ProcessMetrics(registry))
     services = build_services(names, store, settings, registry)
     health = HealthServer(settings.http_host, settings.http_port, registry)
     port = health.start()
