@@ -3,8 +3,9 @@
 -- KEYS: 1 run stream, 2 head, 3 partition feed, 4 partition run index, 5 snapshot,
 --       5 + i dedup key of event i.
 -- ARGV: 1 run id, 2 expected seq (-1: none), 3 dedup ttl ms, 4 retention ms,
---       5 terminal statuses (space separated), then 3 values per event:
---       payload digest, envelope bytes (seq 0), new run status ('' if none).
+--       5 terminal statuses (space separated), 6 audit key ('' if none), then 4 values per
+--       event: payload digest, envelope bytes (seq 0), new run status ('' if none),
+--       sha256 hex of the envelope bytes ('' without an audit key).
 -- Reply: 4 values per event: outcome (a appended, d duplicate, m mismatch, c conflict),
 --        seq (given or original, 0 if none), entry id ('' if none), the run's seq on conflict.
 --
@@ -12,16 +13,23 @@
 -- a time id, which is the entry id reported, kept in the head and in the dedup record.
 -- The run index scores a run by the server time of its first append, in ms with us digits.
 -- Every read and check happens before the first write: a script cannot roll back.
+--
+-- Entries carry s (seq), e (envelope), h = sha1hex(prev h "\n" s "\n" e) and, with an audit
+-- key, m = hmac_sha256_hex(key, prev m "\n" s "\n" sha256hex(e)); the head keeps the last
+-- h and m. hmac_key and hmac_hex come from sha256.lua, included in front of this script.
 
 local call = redis.call
-local FIRST = 5
-local WIDTH = 3
+local FIRST = 6 -- ARGV before the first event
+local FIRST_KEY = 5 -- KEYS before the first dedup key
+local WIDTH = 4
 local n = (#ARGV - FIRST) / WIDTH
 
-local head = call('HMGET', KEYS[2], 'seq', 'hash', 'status')
+local head = call('HMGET', KEYS[2], 'seq', 'hash', 'status', 'mac')
 local seq = tonumber(head[1]) or 0
 local prev_hash = head[2] or ''
 local status = head[3] or ''
+local prev_mac = head[4] or ''
+local audit_key = ARGV[6] ~= '' and hmac_key(ARGV[6]) or nil
 local expected = tonumber(ARGV[2])
 
 -- Validation: classify every event without writing anything.
@@ -30,7 +38,7 @@ local first_index = {} -- dedup key -> index of its first new occurrence in this
 local repeat_of = {} -- index -> index of the earlier new event with the same id
 local fresh = 0
 for i = 1, n do
-  local dedup_key = KEYS[FIRST + i]
+  local dedup_key = KEYS[FIRST_KEY + i]
   local known = call('GET', dedup_key)
   if known then
     local known_entry, known_seq, known_digest = string.match(known, '^(%S+) (%d+) (%S+)$')
@@ -84,9 +92,16 @@ for i = 1, n do
     local s = tostring(seq)
     local payload = ARGV[base + 2]
     local h = redis.sha1hex(prev_hash .. '\n' .. s .. '\n' .. payload)
-    call('XADD', KEYS[1], s .. '-0', 's', s, 'e', payload, 'h', h)
-    local id = call('XADD', KEYS[3], '*', 's', s, 'e', payload, 'h', h)
-    call('SET', KEYS[FIRST + i], id .. ' ' .. s .. ' ' .. ARGV[base + 1], 'NX', 'PX', dedup_ttl)
+    local id
+    if audit_key then
+      prev_mac = hmac_hex(audit_key, prev_mac .. '\n' .. s .. '\n' .. ARGV[base + 4])
+      call('XADD', KEYS[1], s .. '-0', 's', s, 'e', payload, 'h', h, 'm', prev_mac)
+      id = call('XADD', KEYS[3], '*', 's', s, 'e', payload, 'h', h, 'm', prev_mac)
+    else
+      call('XADD', KEYS[1], s .. '-0', 's', s, 'e', payload, 'h', h)
+      id = call('XADD', KEYS[3], '*', 's', s, 'e', payload, 'h', h)
+    end
+    call('SET', KEYS[FIRST_KEY + i], id .. ' ' .. s .. ' ' .. ARGV[base + 1], 'NX', 'PX', dedup_ttl)
     if seq == 1 then
       local now = call('TIME')
       call('ZADD', KEYS[4], 'NX', now[1] * 1000 + now[2] / 1000, ARGV[1])
@@ -115,6 +130,9 @@ end
 
 if last_entry then
   call('HSET', KEYS[2], 'seq', seq, 'entry', last_entry, 'hash', prev_hash, 'status', status)
+  if audit_key then
+    call('HSET', KEYS[2], 'mac', prev_mac)
+  end
   if status_changed then
     local terminal = false
     for word in string.gmatch(ARGV[5], '%S+') do

@@ -69,6 +69,7 @@ from eventstore.store import (
     GroupInfo,
     Head,
     Outcome,
+    Record,
     Snapshot,
     Subscription,
     Timer,
@@ -415,6 +416,10 @@ class FallbackStore:
     def read_run(self, run_id: str, after_seq: int = 0) -> AsyncIterator[Envelope]:
         """The primary's events of the run (spooled events are not visible until drained)."""
         return self.primary.read_run(run_id, after_seq)
+
+    def read_records(self, run_id: str) -> AsyncIterator[Record]:
+        """The primary's stored entries of the run (spooled events are not among them)."""
+        return self.primary.read_records(run_id)
 
     async def head(self, run_id: str) -> Head | None:
         return await self.primary.head(run_id)

@@ -28,6 +28,7 @@ import anyio.lowlevel
 import msgspec
 
 from eventstore import codec
+from eventstore.audit import chain_mac, content_digest
 from eventstore.errors import DecodeError, EventTooLarge, InvalidAppend, StoreClosed
 from eventstore.events import Envelope
 from eventstore.keys import Keys
@@ -44,6 +45,7 @@ from eventstore.store import (
     GroupInfo,
     Head,
     Outcome,
+    Record,
     Snapshot,
     StoreConfig,
     Timer,
@@ -64,22 +66,25 @@ def wall_clock_ms() -> int:
 class _Entry:
     """One stored event: feed entry and run stream entry at once."""
 
-    __slots__ = ("entry_id", "key", "raw", "seq")
+    __slots__ = ("entry_id", "hash", "key", "mac", "raw", "seq")
 
     def __init__(self, key: EntryKey, seq: int, raw: bytes) -> None:
         self.key = key
         self.entry_id = f"{key[0]}-{key[1]}"
         self.seq = seq
         self.raw = raw
+        self.hash = ""
+        self.mac = ""
 
 
 class _Run:
-    __slots__ = ("entries", "expires_at", "hash", "status")
+    __slots__ = ("entries", "expires_at", "hash", "mac", "status")
 
     def __init__(self) -> None:
         self.entries: list[_Entry] = []
         self.status = ""
         self.hash = ""
+        self.mac = ""
         self.expires_at: int | None = None
 
 
@@ -460,12 +465,15 @@ class MemoryStore:
         feed = self._feeds[partition]
         dedup = self._dedup[partition]
         dedup_expires = now + self.config.dedup_ttl_ms
+        key = self.config.audit_key
         written = []
         for _, envelope, raw, digest in fresh:
             seq = len(run.entries) + 1
             entry = feed.add(now, seq, raw)
             run.entries.append(entry)
-            run.hash = codec.chain_hash(run.hash, seq, raw)
+            run.hash = entry.hash = codec.chain_hash(run.hash, seq, raw)
+            if key:
+                run.mac = entry.mac = chain_mac(key, run.mac, seq, content_digest(raw))
             dedup[envelope.event_id] = _Dedup(entry.entry_id, seq, digest, dedup_expires)
             self._dedup_expiry.append((dedup_expires, partition, envelope.event_id))
             status = STATUS_BY_EVENT_TYPE.get(envelope.type)
@@ -520,7 +528,23 @@ class MemoryStore:
             entry_id=run.entries[-1].entry_id,
             status=run.status,
             hash=run.hash,
+            mac=run.mac,
         )
+
+    async def read_records(self, run_id: str) -> AsyncIterator[Record]:
+        """The run's entries as stored, in order, undecoded."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        self._tick()
+        run = self._runs.get(run_id)
+        for entry in list(run.entries) if run is not None else []:
+            yield Record(
+                seq=entry.seq,
+                entry_id=entry.entry_id,
+                raw=entry.raw,
+                hash=entry.hash,
+                mac=entry.mac,
+            )
 
     async def list_runs(self) -> list[str]:
         """Every run id held, in order of first append."""

@@ -7,6 +7,7 @@ Python validates, encodes and size-checks every event before anything is sent; t
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -73,13 +74,16 @@ class PreparedAppend:
             b"%d" % config.dedup_ttl_ms,
             b"%d" % config.retention_ms,
             _TERMINAL,
+            config.audit_key,
         ]
+        audit = bool(config.audit_key)
         for envelope, raw in zip(self.events, self.raws, strict=True):
             call_keys.append(keys.dedup(envelope.event_id).encode())
             args += (
                 codec.payload_digest(envelope).encode(),
                 raw,
                 _STATUS.get(envelope.type, b""),
+                hashlib.sha256(raw).hexdigest().encode() if audit else b"",
             )
         return call_keys, args
 

@@ -170,9 +170,11 @@ class LuaScript:
     wire, and running on the server, while the next ones are still being encoded.
     """
 
-    def __init__(self, client: aioredis.Redis, name: str) -> None:
+    def __init__(self, client: aioredis.Redis, name: str, includes: Sequence[str] = ()) -> None:
+        """``includes`` name chunks (e.g. ``sha256.lua``) placed in front of ``name``'s source."""
         self.name = name
-        self._script = client.register_script(_script_source(name))
+        source = "\n".join(_script_source(part) for part in (*includes, name))
+        self._script = client.register_script(source)
         self._client = client
 
     async def __call__(self, keys: Sequence[Key], args: Sequence[Arg]) -> Any:

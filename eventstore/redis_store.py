@@ -2,9 +2,10 @@
 
 Stream entry layout, run stream and feed alike: ``s`` (seq), ``e`` (the msgpack envelope,
 stored with seq 0) and ``h``, the chain hash ``sha1hex(previous h "\\n" s "\\n" e)`` ("" before
-seq 1), which the head keeps for the last entry. A run stream's entry ids are ``<seq>-0``, so
-reading a run after a seq starts right there; the entry id the store reports (append results,
-head, deliveries) is the feed entry's time-based id.
+seq 1), which the head keeps for the last entry; with an audit key also ``m``, the keyed MAC
+chain (see :mod:`eventstore.audit`), the head keeping the last one. A run stream's entry ids
+are ``<seq>-0``, so reading a run after a seq starts right there; the entry id the store
+reports (append results, head, deliveries) is the feed entry's time-based id.
 
 Appends run one Lua script per run batch (``append.lua``); ``append_many`` pipelines them in one
 round trip. Entry ids, bytes and scripts stay in here: callers see envelopes and flowlog errors.
@@ -43,6 +44,7 @@ from eventstore.store import (
     DeadLetter,
     GroupInfo,
     Head,
+    Record,
     Snapshot,
     StoreConfig,
     Timer,
@@ -70,7 +72,7 @@ class RedisStore:
         self._owns_client = False
         self._url = describe_pool(pool)
         self._raw, self._owns_raw_pool = raw_client(pool)
-        self._append_script = LuaScript(self._raw, "append.lua")
+        self._append_script = LuaScript(self._raw, "append.lua", includes=("sha256.lua",))
         self._lease_script = LuaScript(self._raw, "lease_timers.lua")
         self._snapshot_script = LuaScript(self._raw, "put_snapshot.lua")
         self._feed_scripts = FeedScripts(self._raw)
@@ -149,18 +151,41 @@ class RedisStore:
         """Where the run stands, or None for a run the store does not hold."""
         self._check_open()
         with translate_errors(self._url):
-            seq, entry, chain, status = await command(
-                self._raw, "HMGET", self._keys.head(run_id), "seq", "entry", "hash", "status"
+            seq, entry, chain, status, mac = await command(
+                self._raw, "HMGET", self._keys.head(run_id), "seq", "entry", "hash", "status", "mac"
             )
         if seq is None:
             return None
         return Head(
             run_id=run_id,
             seq=int(seq),
-            entry_id=entry.decode(),
+            entry_id=(entry or b"").decode(),
             status=(status or b"").decode(),
             hash=(chain or b"").decode(),
+            mac=(mac or b"").decode(),
         )
+
+    async def read_records(self, run_id: str) -> AsyncIterator[Record]:
+        """The run stream's entries as stored, in stream order, undecoded, read in pages."""
+        self._check_open()
+        key = self._keys.run(run_id)
+        start = "-"
+        while True:
+            with translate_errors(self._url):
+                page = await command(self._raw, "XRANGE", key, start, "+", "COUNT", _READ_PAGE)
+            for entry_id, fields in page:
+                found = dict(zip(fields[::2], fields[1::2], strict=False))
+                seq = found.get(b"s", b"")
+                yield Record(
+                    seq=int(seq) if seq.isdigit() else 0,
+                    entry_id=entry_id.decode(),
+                    raw=found.get(b"e", b""),
+                    hash=found.get(b"h", b"").decode(errors="replace"),
+                    mac=found.get(b"m", b"").decode(errors="replace"),
+                )
+            if len(page) < _READ_PAGE:
+                return
+            start = "(" + page[-1][0].decode()
 
     async def list_runs(self) -> list[str]:
         """Every run the store holds, by first-append time; runs whose keys expired are

@@ -13,6 +13,8 @@ Semantics shared by every backend:
   at exactly that seq; otherwise every new event of the batch is a ``conflict`` carrying the
   current seq, and nothing is written. Validation happens before the first write.
 * ``seq`` is 1-based and contiguous within a run.
+* Every entry carries the chain hash and, with ``audit_key``, the chain MAC (see
+  :mod:`eventstore.audit`); ``read_records`` returns the entries as stored, for verification.
 * Subscriptions are consumer groups over the partition feeds: a consumer first gets its own
   pending entries, then entries idle longer than ``claim_idle_ms`` claimed from other
   consumers, then new ones. An entry delivered more than ``max_deliveries`` times, or one that
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -58,6 +60,19 @@ class StoreConfig(msgspec.Struct, frozen=True, kw_only=True):
     claim_idle_ms: int = 30_000
     max_deliveries: int = 5
     max_event_bytes: int = 1024 * 1024
+    #: Key of the per-run HMAC chain (field ``m``, see :mod:`eventstore.audit`); b"": none.
+    audit_key: bytes = b""
+
+    def __repr__(self) -> str:
+        """Every setting but the audit key, which is shown only as set or not."""
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.__rich_repr__())
+        return f"StoreConfig({shown})"
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        shown: list[tuple[str, Any]] = [
+            (name, getattr(self, name)) for name in self.__struct_fields__ if name != "audit_key"
+        ]
+        return [*shown, ("audit_key", "<set>" if self.audit_key else "<none>")]
 
 
 class Outcome(enum.StrEnum):
@@ -97,6 +112,19 @@ class Head(msgspec.Struct, frozen=True, kw_only=True):
     entry_id: str
     status: str = ""
     hash: str = ""
+    mac: str = ""
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    """One run stream entry as stored, for verification: ``raw`` is the envelope bytes,
+    ``hash`` the chain hash (``h``), ``mac`` the keyed chain MAC (``m``, "" when none).
+    ``seq`` is 0 when the entry's seq field is missing or not a number."""
+
+    seq: int
+    entry_id: str
+    raw: bytes
+    hash: str = ""
+    mac: str = ""
 
 
 class Delivery(msgspec.Struct, frozen=True, kw_only=True):
@@ -203,6 +231,10 @@ class EventStore(Protocol):
         ...
 
     async def head(self, run_id: str) -> Head | None: ...
+
+    def read_records(self, run_id: str) -> AsyncIterator[Record]:
+        """Every entry of the run's stream as stored, in stream order, undecoded (audit)."""
+        ...
 
     async def list_runs(self) -> list[str]:
         """Every run id the store holds (not expired), oldest first."""

@@ -68,7 +68,11 @@ def build_services(
 
             services.append(
                 Checkpointer(
-                    store, producer, consumer=instance, every=settings.checkpoint.every_events
+                    store,
+                    producer,
+                    consumer=instance,
+                    every=settings.checkpoint.every_events,
+                    retention_interval_s=settings.checkpoint.retention_interval_s or None,
                 )
             )
         elif name == "metrics":

@@ -1,25 +1,37 @@
 """The checkpointer: snapshots run state so rebuilding a long run costs snapshot + tail.
 
 It reads the partition feeds as consumer group ``checkpointer``. A run is snapshotted when
-``every`` events have been appended since its last snapshot, and when it ends. Each snapshot
-is recorded in the log as a ``checkpoint_taken`` event (seq covered, snapshot key), appended as
-a fact with an id derived from (run, seq), so a repeated delivery records nothing twice.
+its seq reaches a multiple of ``every``, when a level of its DAG completes (a step settled and
+every step of its execution level is final; levels from
+:func:`~services.workflow.loader.execution_levels` of the run's definition), and when it ends.
+Each snapshot is recorded in the log as a ``checkpoint_taken`` event (seq covered, snapshot
+key), appended as a fact with an id derived from (run, seq), so a repeated delivery records
+nothing twice.
+
+Every ``retention_interval_s`` (None: never) it also runs feed retention
+(:func:`services.retention.run_retention`: trim below ``now - retention``, never past what a
+group has not read), counting trims in ``metrics``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 from anyio.abc import TaskStatus
 
+from eventstore.errors import StoreUnavailable
 from eventstore.events import CheckpointTaken, Envelope
 from eventstore.ids import derived_event_id
 from eventstore.store import TERMINAL_STATUSES, Delivery, EventStore
-from projections.run_state import RunState
-from services.producer import Producer
+from projections.run_state import STEP_FINAL, RunState
+from services.observability.prometheus import ProcessMetrics
+from services.producer import Producer, now_ms
+from services.retention import RetentionReport, run_retention
 from services.runs import RunLoader, snapshot_of
+from services.workflow.errors import DefinitionError
+from services.workflow.loader import execution_levels
 
 log = logging.getLogger("flowlog.checkpointer")
 
@@ -38,6 +50,9 @@ class Checkpointer:
         every: int = 100,
         batch: int = 256,
         block_ms: int = 500,
+        retention_interval_s: float | None = 300.0,
+        metrics: ProcessMetrics | None = None,
+        clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.store = store
         self.producer = producer
@@ -45,8 +60,14 @@ class Checkpointer:
         self.every = every
         self.batch = batch
         self.block_ms = block_ms
+        self.retention_interval_s = retention_interval_s
+        self.metrics = metrics
+        self.clock_ms = clock_ms
         self.loader = RunLoader(store)
         self.snapshots = 0
+        self.retention_passes = 0
+        self._retained = anyio.Event()
+        self._levels: dict[str, dict[str, list[str]]] = {}
         self._stop = anyio.Event()
 
     def stop(self) -> None:
@@ -56,14 +77,39 @@ class Checkpointer:
         subscription = await self.store.subscribe(GROUP, self.consumer)
         task_status.started()
         try:
-            while not self._stop.is_set():
-                deliveries = await subscription.fetch(self.batch, self.block_ms)
-                if deliveries:
-                    await self.handle(deliveries)
-                    await subscription.ack(deliveries)
+            async with anyio.create_task_group() as tg:
+                if self.retention_interval_s is not None:
+                    tg.start_soon(self._retention_loop, self.retention_interval_s)
+                while not self._stop.is_set():
+                    deliveries = await subscription.fetch(self.batch, self.block_ms)
+                    if deliveries:
+                        await self.handle(deliveries)
+                        await subscription.ack(deliveries)
+                tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await subscription.close()
+
+    async def retention(self) -> RetentionReport:
+        """One feed retention pass at the clock's current time."""
+        report = await run_retention(self.store, now_ms=self.clock_ms(), metrics=self.metrics)
+        self.retention_passes += 1
+        self._retained.set()
+        self._retained = anyio.Event()
+        return report
+
+    async def wait_retention_passes(self, count: int) -> None:
+        """Wait until at least ``count`` retention passes have completed."""
+        while self.retention_passes < count:
+            await self._retained.wait()
+
+    async def _retention_loop(self, interval_s: float) -> None:
+        while True:
+            await anyio.sleep(interval_s)
+            try:
+                await self.retention()
+            except StoreUnavailable as exc:
+                log.warning("feed retention skipped: %s", exc)
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         by_run: dict[str, list[Envelope]] = {}
@@ -75,8 +121,30 @@ class Checkpointer:
                 for e in events
             )
             state = await self.loader.advance(run_id, events)
-            if state is not None and due:
+            if state is not None and (due or self.level_completed(state, events)):
                 await self.checkpoint(state)
+
+    def level_completed(self, state: RunState, events: Sequence[Envelope]) -> bool:
+        """Whether one of ``events`` settled a step whose whole execution level is now final."""
+        settled = [getattr(e.data, "step", "") for e in events if e.type in _SETTLING]
+        if not settled:
+            return False
+        levels = self._levels.get(state.digest)
+        if levels is None:
+            try:
+                definition = self.loader.definition(state)
+                levels = {step: level for level in execution_levels(definition) for step in level}
+            except DefinitionError:
+                levels = {}
+            self._levels[state.digest] = levels
+        return any(
+            step in levels
+            and all(
+                (found := state.steps.get(peer)) is not None and found.status in STEP_FINAL
+                for peer in levels[step]
+            )
+            for step in settled
+        )
 
     async def checkpoint(self, state: RunState) -> None:
         """Snapshot ``state`` and record it in the log."""
@@ -95,3 +163,5 @@ class Checkpointer:
 
 
 _ENDING = frozenset({"run_completed", "run_failed", "run_cancelled"})
+#: Event types after which a step may have settled.
+_SETTLING = frozenset({"step_succeeded", "step_cache_hit", "loop_completed", "step_skipped"})

@@ -111,11 +111,74 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--events", type=int, default=200_000)
     bench.add_argument("--batch", type=int, default=500)
     bench.add_argument("--workflows", type=int, default=300)
+    _audit_commands(sub, common)
     return parser
 
 
+def _audit_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``audit``, ``replay``, ``export``, ``import``, ``retention`` and ``rebuild``."""
+    audit = sub.add_parser("audit", help="tamper evidence of the stored history")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify = audit_sub.add_parser("verify", parents=[common], help="check every chain")
+    verify.add_argument("runs", nargs="*", metavar="RUN")
+    verify.add_argument("--all", action="store_true", help="every run (the default)")
+    verify.add_argument("--anchors", default=None, metavar="FILE", help="from `audit anchor`")
+    audit_sub.add_parser("anchor", parents=[common], help="print every run's head (JSON)")
+
+    replay = sub.add_parser("replay", parents=[common], help="a run's timeline and state")
+    replay.add_argument("run_id", metavar="RUN")
+    replay.add_argument(
+        "--from",
+        dest="from_file",
+        default=None,
+        metavar="FILE.jsonl",
+        help="read the history from an export file (no Redis needed)",
+    )
+    replay.add_argument(
+        "--as-of", default=None, metavar="SEQ|TIME", help="state at a seq, unix ms or ISO-8601 time"
+    )
+    replay.add_argument(
+        "--verify", action="store_true", help="compare with the head, run index and snapshot"
+    )
+    replay.add_argument(
+        "--definition",
+        default=None,
+        metavar="FILE",
+        help="report the first decision a changed definition would make differently",
+    )
+
+    export = sub.add_parser("export", parents=[common], help="write runs as JSON lines")
+    export.add_argument("runs", nargs="*", metavar="RUN")
+    export.add_argument("--all", action="store_true", help="every run")
+    export.add_argument(
+        "--since",
+        default=None,
+        metavar="TIME",
+        help="only runs submitted at or after TIME (unix ms or ISO-8601)",
+    )
+    export.add_argument("--out", dest="out_file", required=True, metavar="FILE.jsonl[.gz]")
+
+    imports = sub.add_parser("import", parents=[common], help="append an export file's events")
+    imports.add_argument("file")
+
+    retention = sub.add_parser("retention", help="feed retention")
+    retention_sub = retention.add_subparsers(
+        dest="retention_command", required=True, metavar="ACTION"
+    )
+    trim = retention_sub.add_parser("run", parents=[common], help="archive and trim the feeds")
+    trim.add_argument("--archive", default=None, metavar="DIR", help="archive to DIR first")
+    trim.add_argument("--gzip", action="store_true", help="gzip the archive files")
+    trim.add_argument("--dry-run", action="store_true", help="only report what would go")
+
+    sub.add_parser(
+        "rebuild",
+        parents=[common],
+        help="rebuild run snapshots, run index and metrics model from the history",
+    )
+
+
 def _handlers() -> dict[str, Handler]:
-    from services import cli_commands
+    from services import cli_audit, cli_commands
 
     return {
         "demo": cli_commands.demo,
@@ -130,6 +193,13 @@ def _handlers() -> dict[str, Handler]:
         "runs cancel": cli_commands.runs_control,
         "runs retry": cli_commands.runs_retry,
         "bench": cli_commands.bench,
+        "audit verify": cli_audit.audit_verify,
+        "audit anchor": cli_audit.audit_anchor,
+        "replay": cli_audit.replay,
+        "export": cli_audit.export,
+        "import": cli_audit.import_file,
+        "retention run": cli_audit.retention_run,
+        "rebuild": cli_audit.rebuild,
     }
 
 
@@ -139,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.redis_url:
         overrides["redis_url"] = args.redis_url
     settings = Settings(**overrides)
-    key = args.command if args.command != "runs" else f"runs {args.runs_command}"
+    action = getattr(args, f"{args.command}_command", None)
+    key = f"{args.command} {action}" if action else args.command
     handler = _handlers()[key]
     out = Output(args.output)
     args.out = out

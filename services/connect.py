@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import msgspec
+
 from eventstore.errors import FlowlogError
 from eventstore.fallback import FallbackStore
 from eventstore.memory import MemoryStore
 from eventstore.redis_store import RedisStore
-from eventstore.store import EventStore
+from eventstore.store import EventStore, StoreConfig
 from services.settings import Settings
 
 
@@ -24,13 +26,21 @@ class RedisNotConfigured(FlowlogError):
         )
 
 
+def store_config(settings: Settings) -> StoreConfig:
+    """The store settings with the audit key (``FLOWLOG_AUDIT_KEY``) threaded in."""
+    config = settings.store.to_config()
+    if settings.audit_key is None:
+        return config
+    return msgspec.structs.replace(config, audit_key=settings.audit_key.get_secret_value().encode())
+
+
 @asynccontextmanager
 async def open_store(
     settings: Settings, *, command: str, require_redis: bool, spool: bool = False
 ) -> AsyncIterator[EventStore]:
     """The configured store: Redis (wrapped with the local spool when ``spool``), or the
     in-memory store when no Redis URL is set and the command can run without one."""
-    config = settings.store.to_config()
+    config = store_config(settings)
     if settings.redis_url is None:
         if require_redis:
             raise RedisNotConfigured(command)

@@ -16,6 +16,7 @@ import msgspec
 import pytest
 
 from eventstore import codec
+from eventstore.audit import chain_mac, content_digest, verify_run
 from eventstore.errors import EventTooLarge, InvalidAppend
 from eventstore.events import (
     Envelope,
@@ -690,3 +691,45 @@ class StoreContract(abc.ABC):
         reopened_head = await store.head("run-reopened")
         assert reopened_head is not None
         assert (reopened_head.seq, reopened_head.status) == (3, "running")
+
+    # --- tamper evidence ----------------------------------------------------------------------
+
+    async def test_records_are_the_stored_entries_with_their_hash_chain(self) -> None:
+        store = await self.open_store()
+        events = [submitted("run-a"), step_done("run-a", 1), step_done("run-a", 2)]
+        results = await store.append("run-a", events)
+        await store.append("run-b", [submitted("run-b")])
+        records = [record async for record in store.read_records("run-a")]
+        assert [r.seq for r in records] == [1, 2, 3]
+        assert [codec.decode(r.raw, seq=r.seq) for r in records] == await history(store, "run-a")
+        chain = ""
+        for record in records:
+            chain = codec.chain_hash(chain, record.seq, record.raw)
+            assert (record.hash, record.mac) == (chain, "")
+        head = await store.head("run-a")
+        assert head is not None
+        assert (head.hash, head.mac) == (records[-1].hash, "")
+        assert verify_run("run-a", records, head) == []
+        assert [record async for record in store.read_records("run-unknown")] == []
+        assert results[-1].seq == 3
+
+    async def test_audit_key_adds_a_mac_chain_in_entries_and_head(self) -> None:
+        key = b"the audit key"
+        store = await self.open_store(audit_key=key)
+        await store.append("run-a", [submitted("run-a"), step_done("run-a", 1)])
+        await store.append("run-a", [step_done("run-a", 2)])
+        records = [record async for record in store.read_records("run-a")]
+        mac = ""
+        for record in records:
+            mac = chain_mac(key, mac, record.seq, content_digest(record.raw))
+            assert record.mac == mac
+        head = await store.head("run-a")
+        assert head is not None
+        assert head.mac == mac
+        assert verify_run("run-a", records, head, key=key) == []
+        wrong = verify_run("run-a", records, head, key=b"another key")
+        assert [(f.seq, f.kind) for f in wrong][:3] == [
+            (1, "modified"),
+            (2, "modified"),
+            (3, "modified"),
+        ]

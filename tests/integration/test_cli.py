@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import msgspec
-
 from support.processes import REPO
 
 EXAMPLES = REPO / "examples"
