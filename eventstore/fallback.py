@@ -38,7 +38,7 @@ import itertools
 import logging
 import os
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
@@ -63,18 +63,10 @@ from eventstore.spool import Spool, SpoolRecord
 from eventstore.store import (
     AppendRequest,
     AppendResult,
-    Archiver,
-    DeadLetter,
     EventStore,
-    GroupInfo,
-    Head,
     Outcome,
-    Record,
-    Snapshot,
-    Subscription,
-    Timer,
-    TrimReport,
 )
+from eventstore.wrapper import StoreWrapper
 
 #: ``entry_id`` prefix of an event acknowledged from the spool (its seq is not known yet).
 SPOOLED_ENTRY_PREFIX: Final = "spool:"
@@ -101,7 +93,7 @@ class DrainReport(msgspec.Struct, frozen=True, kw_only=True):
     remaining: int = 0
 
 
-class FallbackStore:
+class FallbackStore(StoreWrapper):
     """An :class:`~eventstore.store.EventStore` that spools facts while ``primary`` is down.
 
     See the module docstring for the rules. ``drain_batch`` is how many spool records one
@@ -120,7 +112,7 @@ class FallbackStore:
     ) -> None:
         if drain_batch < 1:
             raise ValueError(f"drain_batch must be >= 1, got {drain_batch}")
-        self.config = primary.config
+        super().__init__(primary)
         self.primary = primary
         self.spool_path = spool_path
         self.rejected_path = spool_path.with_name(f"{spool_path.name}.rejected")
@@ -411,55 +403,8 @@ class FallbackStore:
                     )
             await anyio.sleep(self._retry_interval_s)
 
-    # --- pass-through ------------------------------------------------------------------------
-
-    def read_run(self, run_id: str, after_seq: int = 0) -> AsyncIterator[Envelope]:
-        """The primary's events of the run (spooled events are not visible until drained)."""
-        return self.primary.read_run(run_id, after_seq)
-
-    def read_records(self, run_id: str) -> AsyncIterator[Record]:
-        """The primary's stored entries of the run (spooled events are not among them)."""
-        return self.primary.read_records(run_id)
-
-    async def head(self, run_id: str) -> Head | None:
-        return await self.primary.head(run_id)
-
-    async def list_runs(self) -> list[str]:
-        return await self.primary.list_runs()
-
-    async def subscribe(self, group: str, consumer: str) -> Subscription:
-        return await self.primary.subscribe(group, consumer)
-
-    async def group_info(self) -> list[GroupInfo]:
-        return await self.primary.group_info()
-
-    async def dead_letters(self, partition: int | None = None) -> list[DeadLetter]:
-        return await self.primary.dead_letters(partition)
-
-    async def schedule_timer(self, timer: Timer) -> None:
-        await self.primary.schedule_timer(timer)
-
-    async def due_timers(
-        self, now_ms: int, limit: int = 100, lease_ms: int = 30_000
-    ) -> list[Timer]:
-        return await self.primary.due_timers(now_ms, limit, lease_ms)
-
-    async def cancel_timer(self, run_id: str, timer_id: str) -> None:
-        await self.primary.cancel_timer(run_id, timer_id)
-
-    async def put_snapshot(self, snapshot: Snapshot) -> None:
-        await self.primary.put_snapshot(snapshot)
-
-    async def get_snapshot(self, run_id: str) -> Snapshot | None:
-        return await self.primary.get_snapshot(run_id)
-
-    async def trim_feeds(
-        self, horizon_ms: int, *, dry_run: bool = False, archive: Archiver | None = None
-    ) -> TrimReport:
-        return await self.primary.trim_feeds(horizon_ms, dry_run=dry_run, archive=archive)
-
-    async def ping(self) -> None:
-        await self.primary.ping()
+    # --- pass-through (StoreWrapper): reads, groups, timers and snapshots need the primary,
+    # and raise StoreUnavailable while it is down; spooled events are not visible until drained.
 
     async def close(self) -> None:
         """Close the spool (records stay on disk for the next process) and the primary."""

@@ -8,9 +8,11 @@ back in-flight work, acknowledges, and exits.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Protocol
 
 import anyio
@@ -96,6 +98,26 @@ async def _readiness(store: EventStore, health: HealthServer, interval_s: float 
         else:
             health.set_ready(True)
         await anyio.sleep(interval_s)
+
+
+ALL_SERVICES = ("scheduler", "runner", "checkpointer", "metrics")
+
+
+@asynccontextmanager
+async def running(
+    store: EventStore, settings: Settings, names: Sequence[str] = ALL_SERVICES
+) -> AsyncIterator[list[Service]]:
+    """``names`` running in this process for the duration of the block, as ``flowlog up``
+    runs them; leaving the block stops them gracefully."""
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        services: list[Service] = await tg.start(
+            functools.partial(serve, names, store, settings, stop=stop)
+        )
+        try:
+            yield services
+        finally:
+            stop.set()
 
 
 async def _stop_on_signal(stop: anyio.Event) -> None:

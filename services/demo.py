@@ -8,14 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anyio
 from rich.table import Table
 
 from eventstore.errors import FlowlogError
 from eventstore.memory import MemoryStore
 from projections.run_state import RunState
 from services import commands
-from services.app import serve
+from services.app import running
 from services.cli import Output
 from services.observability.logs import configure_logging
 from services.producer import Producer
@@ -62,17 +61,7 @@ async def run_demo(out: Output, settings: Settings, *, examples: str | None = No
     if not out.machine:
         out.console.rule("[bold]flowlog demo[/] — in-memory store, all services in one process")
     started = time.perf_counter()
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        await tg.start(
-            lambda task_status: serve(
-                ["scheduler", "runner", "checkpointer", "metrics"],
-                store,
-                settings,
-                stop=stop,
-                task_status=task_status,
-            )
-        )
+    async with running(store, settings):
         runs: list[tuple[str, str]] = []
         for definition in definitions:
             result = await commands.submit(store, producer, definition)
@@ -81,7 +70,6 @@ async def run_demo(out: Output, settings: Settings, *, examples: str | None = No
             final = {run_id: await commands.wait(store, run_id, timeout_s=60) for run_id, _ in runs}
         else:
             final = await follow_runs(out, store, runs, timeout_s=60)
-        stop.set()
     elapsed = time.perf_counter() - started
     summaries = [_summary(final[run_id]) for run_id, _ in runs]
     timeline_run = next((run_id for run_id, name in runs if name == TIMELINE_WORKFLOW), runs[0][0])

@@ -29,7 +29,7 @@ from eventstore.memory import MemoryStore
 from eventstore.redis_store import RedisStore
 from eventstore.store import TERMINAL_STATUSES, EventStore, StoreConfig
 from services import commands
-from services.app import serve
+from services.app import running
 from services.bench.redis_launcher import RedisServer, _free_port
 from services.producer import Producer
 from services.settings import Settings
@@ -140,13 +140,8 @@ async def bench_memory(workflows: int) -> dict[str, Any]:
 
 async def _memory_once(settings: Settings, definition: WorkflowDef, workflows: int) -> Any:
     store = MemoryStore(settings.store.to_config())
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        await tg.start(
-            lambda task_status: serve(SERVICES, store, settings, stop=stop, task_status=task_status)
-        )
+    async with running(store, settings, SERVICES):
         result = await _measure(store, definition, workflows)
-        stop.set()
     await store.close()
     return result
 

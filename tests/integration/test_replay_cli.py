@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import msgspec
 import pytest
 from support.processes import REPO
@@ -20,7 +19,7 @@ from eventstore.redis_store import RedisStore
 from eventstore.store import StoreConfig
 from projections.run_state import STATE_VERSION
 from services import commands
-from services.app import serve
+from services.app import running
 from services.producer import Producer
 from services.runs import snapshot_of
 from services.settings import Settings
@@ -76,23 +75,12 @@ async def recorded(redis_server: RedisServer) -> AsyncIterator[Recorded]:
     config = isolated(StoreConfig(partitions=4))
     store = RedisStore.from_url(redis_server.url, config)
     settings = Settings(http_port=0, redis_url=None)
-    stop = anyio.Event()
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(
-                lambda task_status: serve(
-                    ["scheduler", "runner", "checkpointer", "metrics"],
-                    store,
-                    settings,
-                    stop=stop,
-                    task_status=task_status,
-                )
-            )
+        async with running(store, settings):
             definition = load_definition(REPO / "examples" / "retry.yaml")
             run_id = (await commands.submit(store, Producer("cli"), definition)).run_id
             state = await commands.wait(store, run_id, timeout_s=30)
             assert state.status == "completed"
-            stop.set()
         yield Recorded(url=redis_server.url, prefix=config.prefix, run_id=run_id)
     finally:
         await store.close()

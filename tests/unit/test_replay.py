@@ -8,7 +8,6 @@ import gzip
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import anyio
 import msgspec
 import pytest
 from support.processes import REPO
@@ -19,7 +18,7 @@ from eventstore.store import Snapshot, StoreConfig
 from projections.metrics_model import decode_model
 from projections.run_state import STATE_VERSION
 from services import commands
-from services.app import serve
+from services.app import running
 from services.export import import_events, read_export, run_events, write_export
 from services.metrics_projector import SNAPSHOT_ID
 from services.producer import Producer
@@ -67,25 +66,14 @@ async def recorded() -> AsyncIterator[Recorded]:
     definitions = {
         name: load_definition(EXAMPLES / f"{name}.yaml") for name in ("retry", "order-pipeline")
     }
-    stop = anyio.Event()
     runs: dict[str, str] = {}
-    async with anyio.create_task_group() as tg:
-        await tg.start(
-            lambda task_status: serve(
-                ["scheduler", "runner", "checkpointer", "metrics"],
-                store,
-                settings,
-                stop=stop,
-                task_status=task_status,
-            )
-        )
+    async with running(store, settings):
         for name, definition in definitions.items():
             submitted = await commands.submit(store, Producer("cli"), definition)
             runs[name] = submitted.run_id
         for run_id in runs.values():
             state = await commands.wait(store, run_id, timeout_s=30)
             assert state.status == "completed"
-        stop.set()
     try:
         yield Recorded(store=store, runs=runs, definitions=definitions)
     finally:
