@@ -42,6 +42,7 @@ class FeedScripts:
     def __init__(self, client: aioredis.Redis) -> None:
         self.redeliver = LuaScript(client, "redeliver.lua")
         self.dead_letter = LuaScript(client, "dead_letter.lua")
+        self.claimable = LuaScript(client, "claimable.lua")
 
 
 class RedisSubscription:
@@ -170,19 +171,12 @@ class RedisSubscription:
 
     async def _claim_idle(self, max_count: int, out: list[Delivery]) -> None:
         room = max_count - len(out)
-        pipe = self._client.pipeline(transaction=False)
-        for feed in self._feeds:
-            pipe.execute_command(
-                "XPENDING", feed, self._group, "IDLE", self._config.claim_idle_ms, "-", "+", room
-            )
-        replies = await pipe.execute()
+        found = await self._scripts.claimable(
+            self._feeds, [self._group, self._config.claim_idle_ms, room]
+        )
         batch: dict[int, list[bytes]] = {}
-        for partition, reply in enumerate(replies):
-            for row in reply:
-                if room == 0:
-                    break
-                batch.setdefault(partition, []).append(row[0])
-                room -= 1
+        for i in range(0, len(found), 2):
+            batch.setdefault(int(found[i]), []).append(found[i + 1])
         if batch:
             await self._redeliver(
                 batch, min_idle_ms=self._config.claim_idle_ms, own_only=False, out=out

@@ -74,6 +74,7 @@ def build_services(
                     producer,
                     consumer=instance,
                     every=settings.checkpoint.every_events,
+                    level_min_events=settings.checkpoint.level_min_events,
                     retention_interval_s=settings.checkpoint.retention_interval_s or None,
                 )
             )

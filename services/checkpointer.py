@@ -3,7 +3,10 @@
 It reads the partition feeds as consumer group ``checkpointer``. A run is snapshotted when
 its seq reaches a multiple of ``every``, when a level of its DAG completes (a step settled and
 every step of its execution level is final; levels from
-:func:`~services.workflow.loader.execution_levels` of the run's definition), and when it ends.
+:func:`~services.workflow.loader.execution_levels` of the run's definition) and at least
+``level_min_events`` events came since the last checkpoint, and when it ends. The minimum
+keeps short levels (a chain's single steps) from costing a snapshot and an event each while
+saving almost nothing on reload; ``level_min_events=1`` snapshots at every level.
 Each snapshot is recorded in the log as a ``checkpoint_taken`` event (seq covered, snapshot
 key), appended as a fact with an id derived from (run, seq), so a repeated delivery records
 nothing twice.
@@ -48,6 +51,7 @@ class Checkpointer:
         *,
         consumer: str,
         every: int = 100,
+        level_min_events: int = 20,
         batch: int = 256,
         block_ms: int = 500,
         retention_interval_s: float | None = 300.0,
@@ -58,6 +62,7 @@ class Checkpointer:
         self.producer = producer
         self.consumer = consumer
         self.every = every
+        self.level_min_events = level_min_events
         self.batch = batch
         self.block_ms = block_ms
         self.retention_interval_s = retention_interval_s
@@ -121,7 +126,12 @@ class Checkpointer:
                 for e in events
             )
             state = await self.loader.advance(run_id, events)
-            if state is not None and (due or self.level_completed(state, events)):
+            level_due = (
+                state is not None
+                and state.seq - state.checkpoint_seq >= self.level_min_events
+                and self.level_completed(state, events)
+            )
+            if state is not None and (due or level_due):
                 await self.checkpoint(state)
 
     def level_completed(self, state: RunState, events: Sequence[Envelope]) -> bool:

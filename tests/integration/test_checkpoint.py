@@ -302,26 +302,50 @@ async def test_unusable_snapshot_is_ignored_and_the_run_rebuilt(snapshot: Snapsh
         await store.close()
 
 
+async def checkpoints_taken(
+    checkpointer: Checkpointer, store: MemoryStore, history: list[Envelope]
+) -> list[int]:
+    """Feed ``history`` to ``checkpointer`` event by event; the seqs it snapshotted at."""
+    subscription = await store.subscribe("checkpointer", "c1")
+    taken: list[int] = []
+    for event in fresh(history):
+        await store.append(event.run_id, [event])
+        deliveries = await subscription.fetch(100, block_ms=0)
+        before = checkpointer.snapshots
+        await checkpointer.handle([d for d in deliveries if d.envelope.type != "checkpoint_taken"])
+        await subscription.ack(deliveries)
+        if checkpointer.snapshots > before:
+            snap = await store.get_snapshot(event.run_id)
+            assert snap is not None
+            taken.append(snap.seq)
+    return taken
+
+
+async def test_short_levels_are_not_snapshotted_below_the_minimum_gap() -> None:
+    definition = parse_definition(DIAMOND)
+    history = simulate(definition, "run-q", always(), 500)
+    store = MemoryStore(StoreConfig(partitions=2))
+    checkpointer = Checkpointer(
+        store, Producer("checkpointer"), consumer="c1", every=1_000_000, level_min_events=1_000
+    )
+    try:
+        taken = await checkpoints_taken(checkpointer, store, history)
+        stored = [e async for e in store.read_run("run-q")]
+        assert len(taken) == 1
+        assert stored[taken[0] - 1].type == "run_completed"
+    finally:
+        await store.close()
+
+
 async def test_checkpointer_snapshots_at_level_boundaries_every_n_and_at_the_end() -> None:
     definition = parse_definition(DIAMOND)
     history = simulate(definition, "run-p", always(), 500)
     store = MemoryStore(StoreConfig(partitions=2))
-    checkpointer = Checkpointer(store, Producer("checkpointer"), consumer="c1", every=1_000_000)
+    checkpointer = Checkpointer(
+        store, Producer("checkpointer"), consumer="c1", every=1_000_000, level_min_events=1
+    )
     try:
-        subscription = await store.subscribe("checkpointer", "c1")
-        taken: list[int] = []
-        for event in fresh(history):
-            await store.append("run-p", [event])
-            deliveries = await subscription.fetch(100, block_ms=0)
-            before = checkpointer.snapshots
-            await checkpointer.handle(
-                [d for d in deliveries if d.envelope.type != "checkpoint_taken"]
-            )
-            await subscription.ack(deliveries)
-            if checkpointer.snapshots > before:
-                snap = await store.get_snapshot("run-p")
-                assert snap is not None
-                taken.append(snap.seq)
+        taken = await checkpoints_taken(checkpointer, store, history)
         stored = [e async for e in store.read_run("run-p")]
         final = replay(stored)
         assert final is not None
