@@ -4,9 +4,9 @@ It reads the partition feeds as consumer group ``checkpointer``. A run is snapsh
 its seq reaches a multiple of ``every``, when a level of its DAG completes (a step settled and
 every step of its execution level is final; levels from
 :func:`~services.workflow.loader.execution_levels` of the run's definition) and at least
-``level_min_events`` events came since the last checkpoint, and when it ends. The minimum
-keeps short levels (a chain's single steps) from costing a snapshot and an event each while
-saving almost nothing on reload; ``level_min_events=1`` snapshots at every level.
+``level_min_events`` events came since the last checkpoint (default 1: every level), and when
+it ends. Raising the minimum (``FLOWLOG_CHECKPOINT__LEVEL_MIN_EVENTS``) keeps short levels (a
+chain's single steps) from costing a snapshot and an event each while saving little on reload.
 Each snapshot is recorded in the log as a ``checkpoint_taken`` event (seq covered, snapshot
 key), appended as a fact with an id derived from (run, seq), so a repeated delivery records
 nothing twice.
@@ -51,7 +51,7 @@ class Checkpointer:
         *,
         consumer: str,
         every: int = 100,
-        level_min_events: int = 20,
+        level_min_events: int = 1,
         batch: int = 256,
         block_ms: int = 500,
         retention_interval_s: float | None = 300.0,

@@ -56,7 +56,7 @@ class CheckpointSettings(BaseModel):
     every_events: int = Field(100, ge=1)
     #: A completed DAG level is snapshotted when at least this many events came since the
     #: last checkpoint (1: every level).
-    level_min_events: int = Field(20, ge=1)
+    level_min_events: int = Field(1, ge=1)
     #: Seconds between retention passes (archive nothing, trim feeds below the horizon);
     #: 0 turns the periodic pass off (run ``flowlog retention run`` from cron instead).
     retention_interval_s: float = Field(300.0, ge=0)

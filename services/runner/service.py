@@ -25,7 +25,14 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 from opentelemetry.trace import TracerProvider
 
-from eventstore.events import StepCacheHit, StepFailed, StepScheduled, StepStarted, StepSucceeded
+from eventstore.events import (
+    Envelope,
+    StepCacheHit,
+    StepFailed,
+    StepScheduled,
+    StepStarted,
+    StepSucceeded,
+)
 from eventstore.ids import derived_event_id
 from eventstore.store import (
     TERMINAL_STATUSES,
@@ -246,14 +253,27 @@ class RunnerService:
             log.info("step cancelled: run ended", extra={"run_id": run_id, "step": scheduled.step})
             return
         self.executed += 1
-        await self._append(job, "finished", outcome)
+        event = await self._append(job, "finished", outcome)
+        log.info(
+            "step %s",
+            "succeeded" if isinstance(outcome, StepSucceeded) else "failed",
+            extra={
+                "run_id": run_id,
+                "step": s.step,
+                "attempt": s.attempt,
+                "agent": s.agent,
+                "event_id": event.event_id,
+                "duration_ms": round(outcome.duration_ms, 3),
+                **({"error": outcome.error.type} if isinstance(outcome, StepFailed) else {}),
+            },
+        )
 
     async def _append(
         self,
         job: _InFlight,
         what: str,
         data: StepStarted | StepSucceeded | StepFailed | StepCacheHit,
-    ) -> None:
+    ) -> Envelope:
         envelope = job.delivery.envelope
         assert isinstance(envelope.data, StepScheduled)
         event = self.producer.envelope(
@@ -264,6 +284,7 @@ class RunnerService:
             traceparent=self.tracer.fact_traceparent(data, envelope.traceparent),
         )
         await self._appends.submit(AppendRequest(run_id=envelope.run_id, events=[event]))
+        return event
 
     def _ack_commit(self, subscription: Subscription) -> GroupCommit[Delivery, None]:
         async def ack(deliveries: Sequence[Delivery]) -> list[None]:

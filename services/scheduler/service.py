@@ -173,6 +173,7 @@ class SchedulerService:
                     if result.outcome is Outcome.APPENDED:
                         self.decisions_appended += 1
                         state = evolve(state, _with_seq(event, result.seq))
+                        _log_decision(event, result.seq)
                 self.loader.remember(state)
                 # Our own appends come back through the feed; deciding again right away lets a
                 # run advance several steps (e.g. start, then schedule) without waiting for it.
@@ -228,6 +229,28 @@ class SchedulerService:
             else:
                 with anyio.move_on_after(self.timer_poll_s):
                     await self._stop.wait()
+
+
+_RUN_LEVEL = frozenset({"run_started", "run_completed", "run_failed", "run_cancelled"})
+
+
+def _log_decision(event: Envelope, seq: int) -> None:
+    """Run transitions at INFO, step decisions at DEBUG (one line per event)."""
+    level = logging.INFO if event.type in _RUN_LEVEL else logging.DEBUG
+    if log.isEnabledFor(level):
+        log.log(
+            level,
+            "decided %s",
+            event.type,
+            extra={
+                "run_id": event.run_id,
+                "step": getattr(event.data, "step", ""),
+                "event_id": event.event_id,
+                "seq": seq,
+                # The decision's span has ended by now: name its trace from the event.
+                **({"trace_id": event.traceparent.split("-")[1]} if event.traceparent else {}),
+            },
+        )
 
 
 def _moved(results: Sequence[AppendResult]) -> bool:

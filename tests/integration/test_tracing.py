@@ -491,6 +491,15 @@ def assert_one_trace(spans: Sequence[ReceivedSpan], root_name: str) -> dict[str,
     return by_id
 
 
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines a service wrote (other output, if any, is skipped)."""
+    lines = []
+    for raw in path.read_text().splitlines():
+        if raw.startswith("{"):
+            lines.append(msgspec.json.decode(raw))
+    return lines
+
+
 @pytest.mark.redis
 @pytest.mark.slow
 @pytest.mark.anyio
@@ -500,8 +509,8 @@ async def test_one_trace_per_run_across_processes(
     with otlp_http_receiver() as (endpoint, sink):
         without_otel(services)
         services.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
-        services.start("scheduler")
-        services.start("runner")
+        scheduler = services.start("scheduler")
+        runner = services.start("runner")
         done = cli_json(services, "submit", str(EXAMPLES / "retry.yaml"), "--wait")
         assert done["status"] == "completed"
         endless = tmp_path / "endless.yaml"
@@ -517,6 +526,18 @@ async def test_one_trace_per_run_across_processes(
 
     retry = run_spans(spans, done["run_id"])
     assert_one_trace(retry, "run retry")
+    trace_ids = {s.trace_id for s in retry}
+    # The services' JSON log lines carry the run, step, event and the run's trace.
+    step_lines = [
+        line for line in json_lines(runner.log_path) if line.get("run_id") == done["run_id"]
+    ]
+    assert {line["step"] for line in step_lines} == {"unreliable", "after"}
+    assert all(line["event_id"] and line["trace_id"] in trace_ids for line in step_lines)
+    decided = [
+        line for line in json_lines(scheduler.log_path) if line.get("run_id") == done["run_id"]
+    ]
+    assert {line["msg"] for line in decided} >= {"decided run_started", "decided run_completed"}
+    assert all(line["event_id"] and line["trace_id"] in trace_ids for line in decided)
     names = sorted(s.name for s in retry)
     assert names.count("step unreliable") == 3
     assert names.count("step after") == 1

@@ -1,0 +1,53 @@
+"""User commands as appends: idempotent submission and guarded run controls."""
+
+from __future__ import annotations
+
+import pytest
+
+from eventstore.memory import MemoryStore
+from services import commands
+from services.producer import Producer
+from services.workflow.loader import parse_definition
+
+pytestmark = pytest.mark.anyio
+
+DEFINITION = parse_definition(
+    "name: one\ninputs: {n: 1}\nsteps:\n  - {id: a, agent: echo, with: {value: 1}}\n"
+)
+
+
+async def test_same_idempotency_key_returns_the_same_run_and_appends_nothing() -> None:
+    store = MemoryStore()
+    producer = Producer("cli")
+    first = await commands.submit(store, producer, DEFINITION, idempotency_key="order-7")
+    again = await commands.submit(store, producer, DEFINITION, idempotency_key="order-7")
+    assert (first.duplicate, again.duplicate) == (False, True)
+    assert again.run_id == first.run_id
+    assert [e.type async for e in store.read_run(first.run_id)] == ["run_submitted"]
+    other = await commands.submit(store, producer, DEFINITION, idempotency_key="order-8")
+    assert other.run_id != first.run_id
+    await store.close()
+
+
+async def test_reusing_a_key_with_other_inputs_is_refused() -> None:
+    store = MemoryStore()
+    producer = Producer("cli")
+    await commands.submit(store, producer, DEFINITION, {"n": 1}, idempotency_key="k")
+    with pytest.raises(commands.IdempotencyKeyReused, match="'k'"):
+        await commands.submit(store, producer, DEFINITION, {"n": 2}, idempotency_key="k")
+    await store.close()
+
+
+async def test_controls_refuse_transitions_the_run_does_not_allow() -> None:
+    store = MemoryStore()
+    producer = Producer("cli")
+    run = await commands.submit(store, producer, DEFINITION)
+    with pytest.raises(commands.InvalidTransition, match="cannot resume"):
+        await commands.resume(store, producer, run.run_id)
+    with pytest.raises(commands.InvalidTransition, match="cannot retry"):
+        await commands.retry(store, producer, run.run_id)
+    with pytest.raises(commands.RunNotFound):
+        await commands.pause(store, producer, "run-missing")
+    await commands.pause(store, producer, run.run_id)
+    assert (await commands.load_run(store, run.run_id)).status == "paused"
+    await store.close()
