@@ -36,7 +36,7 @@ from services.replay import (
 )
 from services.retention import run_retention
 from services.settings import Settings
-from services.views import run_view, timeline_rows
+from services.views import run_view, timeline_rows, unit_label
 from services.workflow.loader import load_definition
 
 _ANCHORS = msgspec.json.Decoder(dict[str, Anchor])
@@ -194,7 +194,7 @@ def show_replay(
         attempt = "" if row["attempt"] is None else str(row["attempt"])
         caused = "" if row["caused_by"] is None else str(row["caused_by"])
         table.add_row(
-            str(row["seq"]), when, row["type"], row["step"], attempt, row["agent"],
+            str(row["seq"]), when, row["type"], unit_label(row), attempt, row["agent"],
             row["producer"], caused,
         )  # fmt: skip
     out.console.print(table)

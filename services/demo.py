@@ -20,7 +20,7 @@ from services.observability.logs import configure_logging
 from services.producer import Producer
 from services.progress import follow_runs
 from services.settings import Settings
-from services.views import timeline_rows
+from services.views import timeline_rows, unit_label
 from services.workflow.loader import load_definition
 from services.workflow.model import WorkflowDef
 
@@ -122,8 +122,7 @@ async def run_demo(out: Output, settings: Settings, *, examples: str | None = No
         title=f"Replayed timeline of {TIMELINE_WORKFLOW} ({timeline_run})",
     )
     for row in timeline:
-        step = row["step"] + (f"[{row['item']}]" if row["item"] is not None else "")
-        step += f"#{row['iteration']}" if row["iteration"] is not None else ""
+        step = unit_label(row)
         tl.add_row(
             str(row["seq"]),
             str(row["offset_ms"]),

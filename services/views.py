@@ -60,3 +60,14 @@ def timeline_rows(events: Iterable[Envelope]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def unit_label(row: dict[str, Any]) -> str:
+    """A timeline row's unit of work: ``step``, ``step[item]`` (for_each), ``step#iteration``
+    (loop)."""
+    label = str(row["step"])
+    if row["item"] is not None:
+        label += f"[{row['item']}]"
+    if row["iteration"] is not None:
+        label += f"#{row['iteration']}"
+    return label
