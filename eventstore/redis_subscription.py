@@ -43,6 +43,7 @@ class FeedScripts:
         self.redeliver = LuaScript(client, "redeliver.lua")
         self.dead_letter = LuaScript(client, "dead_letter.lua")
         self.claimable = LuaScript(client, "claimable.lua")
+        self.ack = LuaScript(client, "ack.lua")
 
 
 class RedisSubscription:
@@ -105,11 +106,13 @@ class RedisSubscription:
         self._check_open()
         if not deliveries:
             return
-        pipe = self._client.pipeline(transaction=False)
-        for partition, ids in _by_partition(deliveries).items():
-            pipe.xack(self._feeds[partition], self._group, *ids)
+        by_partition = _by_partition(deliveries)
+        args: list[Any] = [self._group]
+        for ids in by_partition.values():
+            args.append(len(ids))
+            args.extend(ids)
         with translate_errors(self._url):
-            await pipe.execute()
+            await self._scripts.ack([self._feeds[p] for p in by_partition], args)
 
     async def touch(self, deliveries: Sequence[Delivery]) -> None:
         """Reset the idle time of the entries (and of read-ahead ones) and own them."""

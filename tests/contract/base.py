@@ -416,6 +416,22 @@ class StoreContract(abc.ABC):
             got = await drain(subscription)
             assert sorted(d.envelope.event_id for d in got) == sorted(e.event_id for e in events)
 
+    async def test_one_ack_covers_a_large_batch_across_partitions(self) -> None:
+        store = await self.open_store()
+        runs = [f"run-{i}" for i in range(6)]
+        for run_id in runs:
+            await store.append(run_id, [step_done(run_id, n) for n in range(1, 201)])
+        consumer = await store.subscribe("workers", "c")
+        taken: list[Delivery] = []
+        while len(taken) < 1200:
+            batch = await consumer.fetch(2000, block_ms=0)
+            assert batch
+            taken.extend(batch)
+        assert len({d.partition for d in taken}) > 1
+        await consumer.ack(taken)
+        assert sum(i.pending for i in await store.group_info()) == 0
+        assert await consumer.fetch(10, block_ms=0) == []
+
     async def test_lag_counts_entries_not_yet_delivered(self) -> None:
         store = await self.open_store()
         subscription = await store.subscribe("workers", "c1")
