@@ -29,6 +29,7 @@ from eventstore.events import CheckpointTaken, Envelope
 from eventstore.ids import derived_event_id
 from eventstore.store import TERMINAL_STATUSES, Delivery, EventStore
 from projections.run_state import STEP_FINAL, RunState
+from services.linger import linger
 from services.observability.prometheus import ProcessMetrics
 from services.producer import Producer, now_ms
 from services.retention import RetentionReport, run_retention
@@ -90,6 +91,7 @@ class Checkpointer:
                     if deliveries:
                         await self.handle(deliveries)
                         await subscription.ack(deliveries)
+                    await linger(self._stop, len(deliveries), self.batch)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):

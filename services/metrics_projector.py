@@ -36,6 +36,7 @@ from projections.metrics_model import (
     decode_model,
     encode_model,
 )
+from services.linger import linger
 from services.observability.prometheus import ProjectorMetrics
 
 log = logging.getLogger("flowlog.metrics")
@@ -160,6 +161,7 @@ class MetricsProjector:
                         unacked = []
                         applied_before = model.applied
                         last_commit = anyio.current_time()
+                await linger(self._stop, len(deliveries), self.batch)
             except StoreClosed:
                 raise
             except StoreUnavailable as exc:

@@ -96,23 +96,11 @@ class SchedulerService:
             by_run.setdefault(delivery.envelope.run_id, []).append(delivery.envelope)
         states: dict[str, RunState] = {}
         for run_id, events in by_run.items():
-            state = await self._current(run_id, events)
-            if state is not None:
+            state = await self.loader.advance(run_id, events)
+            # A checkpoint changes nothing a decision depends on: only keep the state current.
+            if state is not None and any(e.type != "checkpoint_taken" for e in events):
                 states[run_id] = state
         await self._decide_and_append(states, causes=by_run)
-
-    async def _current(self, run_id: str, events: Sequence[Envelope]) -> RunState | None:
-        """The run's state, applying delivered events directly when they are the next ones."""
-        state = self.loader.cached(run_id)
-        if state is not None:
-            for event in events:
-                if event.seq == state.seq + 1:
-                    state = evolve(state, event)
-                elif event.seq > state.seq + 1:
-                    return await self.loader.load(run_id)
-            self.loader.remember(state)
-            return state
-        return await self.loader.load(run_id)
 
     async def _decide_and_append(
         self,

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from support.groups import caught_up
 from support.processes import REPO
 from support.redis_server import RedisServer, isolated
 
@@ -81,6 +82,7 @@ async def recorded(redis_server: RedisServer) -> AsyncIterator[Recorded]:
             run_id = (await commands.submit(store, Producer("cli"), definition)).run_id
             state = await commands.wait(store, run_id, timeout_s=30)
             assert state.status == "completed"
+            await caught_up(store, "checkpointer", "metrics")
         yield Recorded(url=redis_server.url, prefix=config.prefix, run_id=run_id)
     finally:
         await store.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
+from support.groups import caught_up
 from support.processes import REPO, Cluster
 
 from eventstore.events import Envelope, StepScheduled, StepStarted, StepSucceeded
@@ -33,16 +34,6 @@ async def wait_for_event(
             for event in await events_of(store, run_id):
                 if isinstance(event.data, kind):
                     return event
-            await anyio.sleep(0.05)
-
-
-async def scheduler_caught_up(store: RedisStore, timeout_s: float = 30) -> None:
-    """Wait until the scheduler group has read and acknowledged every feed entry."""
-    with anyio.fail_after(timeout_s):
-        while True:
-            groups = [g for g in await store.group_info() if g.group == "scheduler"]
-            if groups and all(g.pending == 0 and g.lag == 0 for g in groups):
-                return
             await anyio.sleep(0.05)
 
 
@@ -176,7 +167,7 @@ steps:
     services.cli_json("runs", "pause", run_id)
     gate.write_text("")
     await wait_for_event(store, run_id, StepSucceeded)
-    await scheduler_caught_up(store)
+    await caught_up(store, "scheduler")
     shown = services.cli_json("runs", "show", run_id)
     assert shown["status"] == "paused"
     assert shown["steps"]["first"]["status"] == "succeeded"

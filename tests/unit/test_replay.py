@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from support.groups import caught_up
 from support.processes import REPO
 
 from eventstore.events import Envelope
@@ -74,6 +75,7 @@ async def recorded() -> AsyncIterator[Recorded]:
         for run_id in runs.values():
             state = await commands.wait(store, run_id, timeout_s=30)
             assert state.status == "completed"
+        await caught_up(store, "checkpointer", "metrics")
     try:
         yield Recorded(store=store, runs=runs, definitions=definitions)
     finally:
