@@ -643,6 +643,13 @@ class MemoryStore:
         self._check_open()
         self._snapshots[snapshot.run_id] = snapshot
 
+    async def put_snapshots(self, snapshots: Sequence[Snapshot]) -> None:
+        """Keep each snapshot as its run's latest, in order."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        for snapshot in snapshots:
+            self._snapshots[snapshot.run_id] = snapshot
+
     async def get_snapshot(self, run_id: str) -> Snapshot | None:
         """The run's latest snapshot, if any."""
         await anyio.lowlevel.checkpoint()

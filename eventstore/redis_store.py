@@ -347,6 +347,20 @@ class RedisStore:
                 [snapshot.seq, snapshot.version, snapshot.state],
             )
 
+    async def put_snapshots(self, snapshots: Sequence[Snapshot]) -> None:
+        """Several runs' snapshots, all in one round trip."""
+        self._check_open()
+        if not snapshots:
+            return
+        with translate_errors(self._url):
+            await self._snapshot_script.run_many(
+                (
+                    [self._keys.snap(s.run_id), self._keys.head(s.run_id)],
+                    [s.seq, s.version, s.state],
+                )
+                for s in snapshots
+            )
+
     async def get_snapshot(self, run_id: str) -> Snapshot | None:
         """The run's latest snapshot, if any."""
         self._check_open()

@@ -261,6 +261,10 @@ class EventStore(Protocol):
 
     async def put_snapshot(self, snapshot: Snapshot) -> None: ...
 
+    async def put_snapshots(self, snapshots: Sequence[Snapshot]) -> None:
+        """Several runs' snapshots in one round trip (as ``put_snapshot`` each, in order)."""
+        ...
+
     async def get_snapshot(self, run_id: str) -> Snapshot | None: ...
 
     async def trim_feeds(

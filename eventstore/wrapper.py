@@ -72,6 +72,9 @@ class StoreWrapper:
     async def put_snapshot(self, snapshot: Snapshot) -> None:
         await self.inner.put_snapshot(snapshot)
 
+    async def put_snapshots(self, snapshots: Sequence[Snapshot]) -> None:
+        await self.inner.put_snapshots(snapshots)
+
     async def get_snapshot(self, run_id: str) -> Snapshot | None:
         return await self.inner.get_snapshot(run_id)
 

@@ -27,7 +27,7 @@ from anyio.abc import TaskStatus
 from eventstore.errors import StoreUnavailable
 from eventstore.events import CheckpointTaken, Envelope
 from eventstore.ids import derived_event_id
-from eventstore.store import TERMINAL_STATUSES, Delivery, EventStore
+from eventstore.store import TERMINAL_STATUSES, AppendRequest, Delivery, EventStore
 from projections.run_state import STEP_FINAL, RunState
 from services.linger import linger
 from services.observability.prometheus import ProcessMetrics
@@ -122,6 +122,7 @@ class Checkpointer:
         by_run: dict[str, list[Envelope]] = {}
         for delivery in deliveries:
             by_run.setdefault(delivery.envelope.run_id, []).append(delivery.envelope)
+        due_states: list[RunState] = []
         for run_id, events in by_run.items():
             due = any(
                 e.type in _ENDING or (e.seq % self.every == 0 and e.type != "checkpoint_taken")
@@ -134,7 +135,8 @@ class Checkpointer:
                 and self.level_completed(state, events)
             )
             if state is not None and (due or level_due):
-                await self.checkpoint(state)
+                due_states.append(state)
+        await self.checkpoint(*due_states)
 
     def level_completed(self, state: RunState, events: Sequence[Envelope]) -> bool:
         """Whether one of ``events`` settled a step whose whole execution level is now final."""
@@ -158,20 +160,34 @@ class Checkpointer:
             for step in settled
         )
 
-    async def checkpoint(self, state: RunState) -> None:
-        """Snapshot ``state`` and record it in the log."""
-        run_id = state.run_id
-        await self.store.put_snapshot(snapshot_of(state))
-        self.snapshots += 1
-        event = self.producer.envelope(
-            run_id,
-            CheckpointTaken(covered_seq=state.seq, snapshot_key=f"snap:{run_id}"),
-            event_id=derived_event_id("checkpoint", run_id, state.seq),
-            causation_id=state.last_event_id,
+    async def checkpoint(self, *states: RunState) -> None:
+        """Snapshot each state and record it in the log: all snapshots in one round trip,
+        then all ``checkpoint_taken`` events in one more."""
+        if not states:
+            return
+        await self.store.put_snapshots([snapshot_of(state) for state in states])
+        self.snapshots += len(states)
+        await self.store.append_many(
+            [
+                AppendRequest(
+                    run_id=state.run_id,
+                    events=[
+                        self.producer.envelope(
+                            state.run_id,
+                            CheckpointTaken(
+                                covered_seq=state.seq, snapshot_key=f"snap:{state.run_id}"
+                            ),
+                            event_id=derived_event_id("checkpoint", state.run_id, state.seq),
+                            causation_id=state.last_event_id,
+                        )
+                    ],
+                )
+                for state in states
+            ]
         )
-        await self.store.append(run_id, [event])
-        if state.status in TERMINAL_STATUSES:
-            self.loader.forget(run_id)
+        for state in states:
+            if state.status in TERMINAL_STATUSES:
+                self.loader.forget(state.run_id)
 
 
 _ENDING = frozenset({"run_completed", "run_failed", "run_cancelled"})

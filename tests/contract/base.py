@@ -604,6 +604,19 @@ class StoreContract(abc.ABC):
         await store.put_snapshot(newer)
         assert await store.get_snapshot("run-a") == newer
 
+    async def test_snapshots_of_many_runs_in_one_call(self) -> None:
+        store = await self.open_store()
+        snaps = [
+            Snapshot(run_id=f"run-{i}", seq=i, version=1, state=f"state {i}".encode())
+            for i in range(1, 9)
+        ]
+        later = Snapshot(run_id="run-1", seq=9, version=1, state=b"later")
+        await store.put_snapshots([*snaps, later])
+        for snap in snaps[1:]:
+            assert await store.get_snapshot(snap.run_id) == snap
+        assert await store.get_snapshot("run-1") == later
+        await store.put_snapshots([])
+
     # --- retention ----------------------------------------------------------------------------
 
     async def test_trim_keeps_undelivered_and_pending_entries(self) -> None:
