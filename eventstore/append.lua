@@ -16,7 +16,8 @@
 --
 -- Entries carry s (seq), e (envelope), h = sha1hex(prev h "\n" s "\n" e) and, with an audit
 -- key, m = hmac_sha256_hex(key, prev m "\n" s "\n" sha256hex(e)); the head keeps the last
--- h and m. hmac_key and hmac_hex come from sha256.lua, included in front of this script.
+-- h and m. hmac_key and hmac_hex come from sha256.lua, included in front of this script only
+-- when the store has an audit key (without one they are never called).
 
 local call = redis.call
 local FIRST = 6 -- ARGV before the first event

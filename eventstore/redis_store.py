@@ -72,7 +72,12 @@ class RedisStore:
         self._owns_client = False
         self._url = describe_pool(pool)
         self._raw, self._owns_raw_pool = raw_client(pool)
-        self._append_script = LuaScript(self._raw, "append.lua", includes=("sha256.lua",))
+        # SHA-256 in Lua only when the HMAC chain is on: building its tables costs every call.
+        self._append_script = LuaScript(
+            self._raw,
+            "append.lua",
+            includes=("sha256.lua",) if self.config.audit_key else (),
+        )
         self._lease_script = LuaScript(self._raw, "lease_timers.lua")
         self._snapshot_script = LuaScript(self._raw, "put_snapshot.lua")
         self._feed_scripts = FeedScripts(self._raw)
