@@ -252,16 +252,22 @@ class MemorySubscription:
         self._next_partition = (start + 1) % len(self._groups)
         rotated = self._groups[start:] + self._groups[:start]
         threshold = now - self._store.config.claim_idle_ms
-        for group in rotated:
-            if len(out) >= max_count:
-                return out
+        # Claims scan partitions in order and take the lowest entry ids first, up to the room
+        # left when the scan starts (entries dead-lettered instead still use it up), exactly
+        # as the Redis backend's XPENDING-based scan does.
+        room = max_count - len(out)
+        for group in self._groups:
+            if room <= 0:
+                break
             claimable: list[_Pending] = []
             for pending in group.idle.values():
-                if pending.delivered_ms > threshold or len(claimable) >= max_count - len(out):
+                if pending.delivered_ms > threshold:
                     break
                 claimable.append(pending)
-            for pending in claimable:
+            claimable.sort(key=lambda pending: pending.entry.key)
+            for pending in claimable[:room]:
                 self._redeliver(group, pending, now, out)
+            room -= min(room, len(claimable))
         feeds = self._store._feeds
         for group in rotated:
             if len(out) >= max_count:
