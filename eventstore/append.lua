@@ -1,177 +1,153 @@
--- flowlog: append a batch of events to each of several runs of one partition, atomically.
+-- flowlog: append one batch of events to one run, atomically.
 --
--- The script takes one or more run batches: ARGV[1] is their number, then per run batch the
--- number of its KEYS, the number of its ARGV, and its ARGV; its KEYS follow the previous
--- run's. One call per partition (not per run) keeps the per-call cost off every event.
--- Reply: one list per run batch, in order.
---
--- A run batch's KEYS: 1 run stream, 2 head, 3 partition feed, 4 partition run index,
---       5 snapshot, 5 + i dedup key of event i.
--- Its ARGV: 1 run id, 2 expected seq (-1: none), 3 dedup ttl ms, 4 retention ms,
+-- KEYS: 1 run stream, 2 head, 3 partition feed, 4 partition run index, 5 snapshot,
+--       5 + i dedup key of event i.
+-- ARGV: 1 run id, 2 expected seq (-1: none), 3 dedup ttl ms, 4 retention ms,
 --       5 terminal statuses (space separated), 6 audit key ('' if none), then 4 values per
 --       event: payload digest, envelope bytes (seq 0), new run status ('' if none),
 --       sha256 hex of the envelope bytes ('' without an audit key).
--- Its reply: 4 values per event: outcome (a appended, d duplicate, m mismatch, c conflict),
+-- Reply: 4 values per event: outcome (a appended, d duplicate, m mismatch, c conflict),
 --        seq (given or original, 0 if none), entry id ('' if none), the run's seq on conflict.
 --
 -- Run stream entries have the id <seq>-0 (reads after a seq need no scan); feed entries get
 -- a time id, which is the entry id reported, kept in the head and in the dedup record.
 -- The run index scores a run by the server time of its first append, in ms with us digits.
--- Every read and check of a run batch happens before its first write (a script cannot roll
--- back); run batches are independent of each other.
+-- Every read and check happens before the first write: a script cannot roll back.
 --
 -- Entries carry s (seq), e (envelope), h = sha1hex(prev h "\n" s "\n" e) and, with an audit
 -- key, m = hmac_sha256_hex(key, prev m "\n" s "\n" sha256hex(e)); the head keeps the last
 -- h and m. hmac_key and hmac_hex come from sha256.lua, included in front of this script only
 -- when the store has an audit key (without one they are never called).
 
-local function append_run(KEYS, ARGV)
-  local call = redis.call
-  local FIRST = 6 -- ARGV before the first event
-  local FIRST_KEY = 5 -- KEYS before the first dedup key
-  local WIDTH = 4
-  local n = (#ARGV - FIRST) / WIDTH
+local call = redis.call
+local FIRST = 6 -- ARGV before the first event
+local FIRST_KEY = 5 -- KEYS before the first dedup key
+local WIDTH = 4
+local n = (#ARGV - FIRST) / WIDTH
 
-  local head = call('HMGET', KEYS[2], 'seq', 'hash', 'status', 'mac')
-  local seq = tonumber(head[1]) or 0
-  local prev_hash = head[2] or ''
-  local status = head[3] or ''
-  local prev_mac = head[4] or ''
-  local audit_key = ARGV[6] ~= '' and hmac_key(ARGV[6]) or nil
-  local expected = tonumber(ARGV[2])
+local head = call('HMGET', KEYS[2], 'seq', 'hash', 'status', 'mac')
+local seq = tonumber(head[1]) or 0
+local prev_hash = head[2] or ''
+local status = head[3] or ''
+local prev_mac = head[4] or ''
+local audit_key = ARGV[6] ~= '' and hmac_key(ARGV[6]) or nil
+local expected = tonumber(ARGV[2])
 
-  -- Validation: classify every event without writing anything.
-  local code, given, entry = {}, {}, {}
-  local first_index = {} -- dedup key -> index of its first new occurrence in this batch
-  local repeat_of = {} -- index -> index of the earlier new event with the same id
-  local fresh = 0
-  for i = 1, n do
-    local dedup_key = KEYS[FIRST_KEY + i]
-    local known = call('GET', dedup_key)
-    if known then
-      local known_entry, known_seq, known_digest = string.match(known, '^(%S+) (%d+) (%S+)$')
-      code[i] = (known_digest == ARGV[FIRST + (i - 1) * WIDTH + 1]) and 'd' or 'm'
-      given[i], entry[i] = tonumber(known_seq), known_entry
+-- Validation: classify every event without writing anything.
+local code, given, entry = {}, {}, {}
+local first_index = {} -- dedup key -> index of its first new occurrence in this batch
+local repeat_of = {} -- index -> index of the earlier new event with the same id
+local fresh = 0
+for i = 1, n do
+  local dedup_key = KEYS[FIRST_KEY + i]
+  local known = call('GET', dedup_key)
+  if known then
+    local known_entry, known_seq, known_digest = string.match(known, '^(%S+) (%d+) (%S+)$')
+    code[i] = (known_digest == ARGV[FIRST + (i - 1) * WIDTH + 1]) and 'd' or 'm'
+    given[i], entry[i] = tonumber(known_seq), known_entry
+  else
+    local first = first_index[dedup_key]
+    if first then
+      repeat_of[i] = first
+      local first_digest = ARGV[FIRST + (first - 1) * WIDTH + 1]
+      code[i] = (first_digest == ARGV[FIRST + (i - 1) * WIDTH + 1]) and 'd' or 'm'
     else
-      local first = first_index[dedup_key]
-      if first then
-        repeat_of[i] = first
-        local first_digest = ARGV[FIRST + (first - 1) * WIDTH + 1]
-        code[i] = (first_digest == ARGV[FIRST + (i - 1) * WIDTH + 1]) and 'd' or 'm'
-      else
-        first_index[dedup_key] = i
-        code[i] = 'n'
-        fresh = fresh + 1
-      end
+      first_index[dedup_key] = i
+      code[i] = 'n'
+      fresh = fresh + 1
     end
   end
+end
 
-  local reply = {}
-  -- Expected seq missed: new events (and their repeats with the same payload) conflict.
-  if fresh > 0 and expected >= 0 and expected ~= seq then
-    local r = 0
-    for i = 1, n do
-      if code[i] == 'n' or repeat_of[i] then
-        reply[r + 1] = (code[i] == 'm') and 'm' or 'c'
-        reply[r + 2] = 0
-        reply[r + 3] = ''
-        reply[r + 4] = seq
-      else
-        reply[r + 1] = code[i]
-        reply[r + 2] = given[i]
-        reply[r + 3] = entry[i]
-        reply[r + 4] = 0
-      end
-      r = r + 4
-    end
-    return reply
-  end
-
-  -- Writes.
-  local dedup_ttl = ARGV[3]
-  local status_changed = false
-  local last_entry = nil
+local reply = {}
+-- Expected seq missed: new events (and their repeats with the same payload) conflict.
+if fresh > 0 and expected >= 0 and expected ~= seq then
   local r = 0
   for i = 1, n do
-    local c = code[i]
-    if c == 'n' then
-      local base = FIRST + (i - 1) * WIDTH
-      seq = seq + 1
-      local s = tostring(seq)
-      local payload = ARGV[base + 2]
-      local h = redis.sha1hex(prev_hash .. '\n' .. s .. '\n' .. payload)
-      local id
-      if audit_key then
-        prev_mac = hmac_hex(audit_key, prev_mac .. '\n' .. s .. '\n' .. ARGV[base + 4])
-        call('XADD', KEYS[1], s .. '-0', 's', s, 'e', payload, 'h', h, 'm', prev_mac)
-        id = call('XADD', KEYS[3], '*', 's', s, 'e', payload, 'h', h, 'm', prev_mac)
-      else
-        call('XADD', KEYS[1], s .. '-0', 's', s, 'e', payload, 'h', h)
-        id = call('XADD', KEYS[3], '*', 's', s, 'e', payload, 'h', h)
-      end
-      call('SET', KEYS[FIRST_KEY + i], id .. ' ' .. s .. ' ' .. ARGV[base + 1], 'NX', 'PX', dedup_ttl)
-      if seq == 1 then
-        local now = call('TIME')
-        call('ZADD', KEYS[4], 'NX', now[1] * 1000 + now[2] / 1000, ARGV[1])
-      end
-      local new_status = ARGV[base + 3]
-      if new_status ~= '' then
-        status = new_status
-        status_changed = true
-      end
-      prev_hash = h
-      last_entry = id
-      given[i], entry[i] = seq, id
-      reply[r + 1] = 'a'
+    if code[i] == 'n' or repeat_of[i] then
+      reply[r + 1] = (code[i] == 'm') and 'm' or 'c'
+      reply[r + 2] = 0
+      reply[r + 3] = ''
+      reply[r + 4] = seq
     else
-      local first = repeat_of[i]
-      if first then
-        given[i], entry[i] = given[first], entry[first]
-      end
-      reply[r + 1] = c
+      reply[r + 1] = code[i]
+      reply[r + 2] = given[i]
+      reply[r + 3] = entry[i]
+      reply[r + 4] = 0
     end
-    reply[r + 2] = given[i]
-    reply[r + 3] = entry[i]
-    reply[r + 4] = 0
     r = r + 4
-  end
-
-  if last_entry then
-    call('HSET', KEYS[2], 'seq', seq, 'entry', last_entry, 'hash', prev_hash, 'status', status)
-    if audit_key then
-      call('HSET', KEYS[2], 'mac', prev_mac)
-    end
-    if status_changed then
-      local terminal = false
-      for word in string.gmatch(ARGV[5], '%S+') do
-        if word == status then
-          terminal = true
-        end
-      end
-      for _, key in ipairs({ KEYS[1], KEYS[2], KEYS[5] }) do
-        if terminal then
-          call('PEXPIRE', key, ARGV[4])
-        else
-          call('PERSIST', key)
-        end
-      end
-    end
   end
   return reply
 end
 
-local out = {}
-local ki, ai = 0, 1
-for r = 1, tonumber(ARGV[1]) do
-  local nk, na = tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
-  local keys, args = {}, {}
-  for j = 1, nk do
-    keys[j] = KEYS[ki + j]
+-- Writes.
+local dedup_ttl = ARGV[3]
+local status_changed = false
+local last_entry = nil
+local r = 0
+for i = 1, n do
+  local c = code[i]
+  if c == 'n' then
+    local base = FIRST + (i - 1) * WIDTH
+    seq = seq + 1
+    local s = tostring(seq)
+    local payload = ARGV[base + 2]
+    local h = redis.sha1hex(prev_hash .. '\n' .. s .. '\n' .. payload)
+    local id
+    if audit_key then
+      prev_mac = hmac_hex(audit_key, prev_mac .. '\n' .. s .. '\n' .. ARGV[base + 4])
+      call('XADD', KEYS[1], s .. '-0', 's', s, 'e', payload, 'h', h, 'm', prev_mac)
+      id = call('XADD', KEYS[3], '*', 's', s, 'e', payload, 'h', h, 'm', prev_mac)
+    else
+      call('XADD', KEYS[1], s .. '-0', 's', s, 'e', payload, 'h', h)
+      id = call('XADD', KEYS[3], '*', 's', s, 'e', payload, 'h', h)
+    end
+    call('SET', KEYS[FIRST_KEY + i], id .. ' ' .. s .. ' ' .. ARGV[base + 1], 'NX', 'PX', dedup_ttl)
+    if seq == 1 then
+      local now = call('TIME')
+      call('ZADD', KEYS[4], 'NX', now[1] * 1000 + now[2] / 1000, ARGV[1])
+    end
+    local new_status = ARGV[base + 3]
+    if new_status ~= '' then
+      status = new_status
+      status_changed = true
+    end
+    prev_hash = h
+    last_entry = id
+    given[i], entry[i] = seq, id
+    reply[r + 1] = 'a'
+  else
+    local first = repeat_of[i]
+    if first then
+      given[i], entry[i] = given[first], entry[first]
+    end
+    reply[r + 1] = c
   end
-  for j = 1, na do
-    args[j] = ARGV[ai + 2 + j]
-  end
-  out[r] = append_run(keys, args)
-  ki, ai = ki + nk, ai + 2 + na
+  reply[r + 2] = given[i]
+  reply[r + 3] = entry[i]
+  reply[r + 4] = 0
+  r = r + 4
 end
-return out
+
+if last_entry then
+  call('HSET', KEYS[2], 'seq', seq, 'entry', last_entry, 'hash', prev_hash, 'status', status)
+  if audit_key then
+    call('HSET', KEYS[2], 'mac', prev_mac)
+  end
+  if status_changed then
+    local terminal = false
+    for word in string.gmatch(ARGV[5], '%S+') do
+      if word == status then
+        terminal = true
+      end
+    end
+    for _, key in ipairs({ KEYS[1], KEYS[2], KEYS[5] }) do
+      if terminal then
+        call('PEXPIRE', key, ARGV[4])
+      else
+        call('PERSIST', key)
+      end
+    end
+  end
+end
+return reply

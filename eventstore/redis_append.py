@@ -1,5 +1,5 @@
-"""The append script's calling convention (run batches of one partition in, per-event results
-out) and the layout of the stream entries it writes.
+"""The append script's calling convention (one run batch in, per-event results out) and the
+layout of the stream entries it writes.
 
 Python validates, encodes and size-checks every event before anything is sent; the script
 (``append.lua``) does the dedup lookups, the expected-seq check and the writes atomically.
@@ -103,21 +103,6 @@ class PreparedAppend:
                 )
             )
         return out
-
-
-def partition_call(
-    batches: Sequence[PreparedAppend], config: StoreConfig
-) -> tuple[list[bytes], list[bytes]]:
-    """One ``append.lua`` call for several run batches (of one partition): their KEYS one
-    after the other, ARGV = the number of batches, then per batch its KEYS count, its ARGV
-    count and its ARGV. The reply is one per-event list per batch, in order."""
-    call_keys: list[bytes] = []
-    args: list[bytes] = [b"%d" % len(batches)]
-    for batch in batches:
-        keys, batch_args = batch.script_call(config)
-        call_keys += keys
-        args += (b"%d" % len(keys), b"%d" % len(batch_args), *batch_args)
-    return call_keys, args
 
 
 def prepare(

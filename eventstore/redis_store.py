@@ -24,7 +24,7 @@ from eventstore import codec
 from eventstore.errors import StoreClosed
 from eventstore.events import Envelope
 from eventstore.keys import Keys
-from eventstore.redis_append import entry_payload, partition_call, prepare
+from eventstore.redis_append import entry_payload, prepare
 from eventstore.redis_conn import (
     LuaScript,
     blocking_client,
@@ -110,31 +110,29 @@ class RedisStore:
         if not events:
             return []
         with translate_errors(self._url):
-            (reply,) = await self._append_script(*partition_call([prepared], self.config))
+            reply = await self._append_script(*prepared.script_call(self.config))
         return prepared.results(reply)
 
     async def append_many(self, requests: Sequence[AppendRequest]) -> list[list[AppendResult]]:
         """Append for many runs: every request is validated and encoded first, then one
-        script call per partition (covering all its runs), all streamed in one round trip."""
+        script call per request, grouped by partition, all streamed in one round trip."""
         self._check_open()
         prepared = [
             prepare(self._keys, self.config, r.run_id, r.events, r.expected_seq) for r in requests
         ]
-        by_partition: dict[int, list[int]] = {}
-        for i, batch in enumerate(prepared):
-            if batch.events:
-                by_partition.setdefault(batch.keys.partition, []).append(i)
+        order = sorted(
+            (i for i, batch in enumerate(prepared) if batch.events),
+            key=lambda i: prepared[i].keys.partition,
+        )
         out: list[list[AppendResult]] = [[] for _ in prepared]
-        if not by_partition:
+        if not order:
             return out
-        groups = list(by_partition.values())
         with translate_errors(self._url):
             replies = await self._append_script.run_many(
-                partition_call([prepared[i] for i in group], self.config) for group in groups
+                prepared[i].script_call(self.config) for i in order
             )
-        for group, reply in zip(groups, replies, strict=True):
-            for i, batch_reply in zip(group, reply, strict=True):
-                out[i] = prepared[i].results(batch_reply)
+        for i, reply in zip(order, replies, strict=True):
+            out[i] = prepared[i].results(reply)
         return out
 
     # --- runs ---------------------------------------------------------------------------------
