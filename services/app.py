@@ -76,6 +76,7 @@ def build_services(
                     every=settings.checkpoint.every_events,
                     level_min_events=settings.checkpoint.level_min_events,
                     retention_interval_s=settings.checkpoint.retention_interval_s or None,
+                    archive_dir=settings.checkpoint.archive_dir,
                 )
             )
         elif name == "metrics":

@@ -12,7 +12,8 @@ key), appended as a fact with an id derived from (run, seq), so a repeated deliv
 nothing twice.
 
 Every ``retention_interval_s`` (None: never) it also runs feed retention
-(:func:`services.retention.run_retention`: trim below ``now - retention``, never past what a
+(:func:`services.retention.run_retention`: archive what is about to go to gzipped JSON lines
+in ``archive_dir`` when one is set, then trim below ``now - retention``, never past what a
 group has not read), counting trims in ``metrics``.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import anyio
 from anyio.abc import TaskStatus
@@ -56,6 +58,7 @@ class Checkpointer:
         batch: int = 256,
         block_ms: int = 500,
         retention_interval_s: float | None = 300.0,
+        archive_dir: Path | None = None,
         metrics: ProcessMetrics | None = None,
         clock_ms: Callable[[], int] = now_ms,
     ) -> None:
@@ -67,6 +70,7 @@ class Checkpointer:
         self.batch = batch
         self.block_ms = block_ms
         self.retention_interval_s = retention_interval_s
+        self.archive_dir = archive_dir
         self.metrics = metrics
         self.clock_ms = clock_ms
         self.loader = RunLoader(store)
@@ -99,7 +103,13 @@ class Checkpointer:
 
     async def retention(self) -> RetentionReport:
         """One feed retention pass at the clock's current time."""
-        report = await run_retention(self.store, now_ms=self.clock_ms(), metrics=self.metrics)
+        report = await run_retention(
+            self.store,
+            now_ms=self.clock_ms(),
+            archive_dir=self.archive_dir,
+            compress=True,
+            metrics=self.metrics,
+        )
         self.retention_passes += 1
         self._retained.set()
         self._retained = anyio.Event()

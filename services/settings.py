@@ -60,6 +60,9 @@ class CheckpointSettings(BaseModel):
     #: Seconds between retention passes (archive nothing, trim feeds below the horizon);
     #: 0 turns the periodic pass off (run ``flowlog retention run`` from cron instead).
     retention_interval_s: float = Field(300.0, ge=0)
+    #: Where the periodic retention pass archives feed entries before trimming them
+    #: (gzipped JSON lines, one file per partition per pass); unset: trim without archive.
+    archive_dir: Path | None = None
 
 
 class Settings(BaseSettings):

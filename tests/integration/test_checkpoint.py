@@ -8,6 +8,7 @@ runner starts each scheduled attempt and lets it succeed or fail as told.
 
 from __future__ import annotations
 
+import gzip
 import random
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from support.processes import REPO
 from support.redis_server import RedisServer, isolated
 
+from eventstore import codec
 from eventstore.events import (
     CheckpointTaken,
     Envelope,
@@ -366,7 +368,16 @@ async def test_checkpointer_snapshots_at_level_boundaries_every_n_and_at_the_end
         await store.close()
 
 
-async def test_checkpointer_runs_retention_periodically_and_counts_trims() -> None:
+def archived_events(folder: Path) -> list[Envelope]:
+    """Every event in the gzipped JSON-lines archive files of ``folder``."""
+    return [
+        codec.from_json_line(line)
+        for path in sorted(folder.glob("*.jsonl.gz"))
+        for line in gzip.decompress(path.read_bytes()).splitlines()
+    ]
+
+
+async def test_checkpointer_runs_retention_periodically_and_counts_trims(tmp_path: Path) -> None:
     now = [START_MS]
     store = MemoryStore(StoreConfig(partitions=2, retention_ms=1000), clock_ms=lambda: now[0])
     registry = CollectorRegistry()
@@ -375,6 +386,7 @@ async def test_checkpointer_runs_retention_periodically_and_counts_trims() -> No
         Producer("checkpointer"),
         consumer="c1",
         retention_interval_s=0.01,
+        archive_dir=tmp_path,
         metrics=ProcessMetrics(registry),
         clock_ms=lambda: now[0],
     )
@@ -394,5 +406,7 @@ async def test_checkpointer_runs_retention_periodically_and_counts_trims() -> No
             checkpointer.stop()
         trimmed = registry.get_sample_value("flowlog_feed_trimmed_entries_total")
         assert trimmed == len(history) + checkpointer.snapshots
+        archived = archived_events(tmp_path)
+        assert sorted(e.seq for e in archived) == list(range(1, int(trimmed) + 1))
     finally:
         await store.close()
