@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, nullcontext
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import anyio
 import msgspec
@@ -274,6 +274,7 @@ class AgentExecutor:
         self.cache = cache if cache is not None else ResultCache(clock)
         self._clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._downstream: dict[str, bool] = {}
         self._bulkheads: dict[str, Bulkhead] = {}
 
     @classmethod
@@ -349,8 +350,12 @@ class AgentExecutor:
 
     def _breaker(self, agent: Agent, inputs: dict[str, Any]) -> CircuitBreaker:
         name = agent.name
-        if isinstance(agent, DownstreamAgent):
-            name = f"{agent.name} {agent.downstream(inputs)}".rstrip()
+        downstream = self._downstream.get(name)
+        if downstream is None:
+            # isinstance on a runtime Protocol inspects the class each time: once per agent.
+            downstream = self._downstream[name] = isinstance(agent, DownstreamAgent)
+        if downstream:
+            name = f"{agent.name} {cast(DownstreamAgent, agent).downstream(inputs)}".rstrip()
         breaker = self._breakers.get(name)
         if breaker is None:
             breaker = CircuitBreaker(

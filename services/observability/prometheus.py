@@ -54,8 +54,10 @@ class ProcessMetrics:
             ["outcome"],
             registry=registry,
         )
-        for outcome in Outcome:
-            self.appends.labels(outcome.value)
+        # Bound once: appends are counted on every store call, labels() is not free.
+        self._appends_by_outcome = {
+            outcome: self.appends.labels(outcome.value) for outcome in Outcome
+        }
         self.feed_trimmed_entries = Counter(
             "flowlog_feed_trimmed_entries_total",
             "Feed entries removed by retention trims of this process.",
@@ -69,8 +71,8 @@ class ProcessMetrics:
 
     def count_appends(self, results: Iterable[AppendResult]) -> None:
         """Count the outcome of every event of an append."""
-        for outcome, count in Tally(result.outcome for result in results).items():
-            self.appends.labels(outcome.value).inc(count)
+        for result in results:
+            self._appends_by_outcome[result.outcome].inc()
 
     def count_trim(self, report: TrimReport) -> None:
         """Count the entries a (not dry-run) trim removed."""
