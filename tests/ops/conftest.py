@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import anyio
@@ -25,8 +26,15 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_dir(repo_root: Path) -> Path:
-    """The shared data files (JSON schemas) next to the repository."""
-    return repo_root.parent / "shared"
+    """The shared data files (JSON schemas): ``FLOWLOG_SHARED_DIR``, else ``shared/`` next to
+    the repository (where CI puts it). A missing folder is a named error, not a file error."""
+    folder = Path(os.environ.get("FLOWLOG_SHARED_DIR", repo_root.parent / "shared"))
+    if not (folder / "schemas").is_dir():
+        pytest.fail(
+            f"no schemas in {folder}/schemas: put the shared/ folder next to the repository"
+            " or set FLOWLOG_SHARED_DIR"
+        )
+    return folder
 
 
 @pytest.fixture(scope="session")
