@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry
 from eventstore.errors import StoreUnavailable
 from eventstore.store import EventStore
 from services.agents.resilience import AgentExecutor
+from services.checkpointer import Checkpointer
+from services.metrics_projector import MetricsProjector
 from services.observability.http import HealthServer
 from services.observability.instrumented import InstrumentedStore
 from services.observability.prometheus import ProcessMetrics
@@ -34,7 +36,7 @@ from services.settings import Settings
 log = logging.getLogger("flowlog.app")
 
 #: The consumer name of the (single) metrics projector in its group.
-GROUP_CONSUMER = "projector"
+PROJECTOR_CONSUMER = "projector"
 
 
 class Service(Protocol):
@@ -66,8 +68,6 @@ def build_services(
                 )
             )
         elif name == "checkpointer":
-            from services.checkpointer import Checkpointer
-
             services.append(
                 Checkpointer(
                     store,
@@ -80,12 +80,10 @@ def build_services(
                 )
             )
         elif name == "metrics":
-            from services.metrics_projector import MetricsProjector
-
             # One projector per store, always under one consumer name: a restarted projector
             # (new pid, new host) gets the entries its predecessor left pending first, so
             # every run's events still arrive in order.
-            services.append(MetricsProjector(store, registry=registry, consumer=GROUP_CONSUMER))
+            services.append(MetricsProjector(store, registry=registry, consumer=PROJECTOR_CONSUMER))
         else:
             raise ValueError(f"unknown service {name!r}")
     return services

@@ -21,14 +21,13 @@ _STATE_ENCODER = msgspec.msgpack.Encoder()
 _STATE_DECODER = msgspec.msgpack.Decoder(RunState)
 
 
-def encode_state(state: RunState) -> bytes:
-    return _STATE_ENCODER.encode(state)
-
-
 def snapshot_of(state: RunState) -> Snapshot:
     """The snapshot of ``state`` as the checkpointer stores it."""
     return Snapshot(
-        run_id=state.run_id, seq=state.seq, version=STATE_VERSION, state=encode_state(state)
+        run_id=state.run_id,
+        seq=state.seq,
+        version=STATE_VERSION,
+        state=_STATE_ENCODER.encode(state),
     )
 
 
@@ -42,12 +41,6 @@ def state_from_snapshot(snapshot: Snapshot) -> RunState | None:
         return None
 
 
-def fold(state: RunState | None, events: Iterable[Envelope]) -> RunState | None:
-    for event in events:
-        state = evolve(state, event)
-    return state
-
-
 class RunLoader:
     """Loads run states and their definitions, keeping a bounded LRU cache of both."""
 
@@ -57,9 +50,6 @@ class RunLoader:
         self._states: OrderedDict[str, RunState] = OrderedDict()
         self._definitions: dict[str, WorkflowDef] = {}
         self.events_read = 0
-
-    def cached(self, run_id: str) -> RunState | None:
-        return self._states.get(run_id)
 
     def remember(self, state: RunState) -> None:
         self._states[state.run_id] = state

@@ -30,7 +30,7 @@ from eventstore.redis_store import RedisStore
 from eventstore.store import TERMINAL_STATUSES, EventStore, StoreConfig
 from services import commands
 from services.app import running
-from services.bench.redis_launcher import RedisServer, _free_port
+from services.bench.redis_launcher import RedisServer, free_port
 from services.producer import Producer
 from services.settings import Settings
 from services.workflow.loader import parse_definition
@@ -153,7 +153,7 @@ def _start_services(url: str, prefix: str, workdir: Path) -> list[subprocess.Pop
             **os.environ,
             "FLOWLOG_REDIS_URL": url,
             "FLOWLOG_STORE__PREFIX": prefix,
-            "FLOWLOG_HTTP_PORT": str(_free_port()),
+            "FLOWLOG_HTTP_PORT": str(free_port()),
             "FLOWLOG_LOG_LEVEL": "WARNING",
             "FLOWLOG_STORE__SPOOL_PATH": str(workdir / f"{name}.spool"),
         }

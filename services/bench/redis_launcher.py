@@ -27,7 +27,8 @@ class RedisLaunchFailed(FlowlogError):
     """redis-server could not be started (binary missing, exited, or never answered PING)."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -72,7 +73,7 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> None:
         """Start on a free port (retrying if another process takes it first)."""
         for _ in range(_START_ATTEMPTS):
-            self.port = _free_port()
+            self.port = free_port()
             if self._launch(timeout_s):
                 return
         raise RedisLaunchFailed(

@@ -96,7 +96,6 @@ class RunnerService:
         self.heartbeat_s = heartbeat_s
         self.block_ms = block_ms
         self.tracer = RunTracer(store.config, tracer_provider)
-        self.executed = 0
         self._stop = anyio.Event()
         self._inflight: dict[int, _InFlight] = {}
         self._idle = concurrency
@@ -252,7 +251,6 @@ class RunnerService:
         if job.scope.cancelled_caught:
             log.info("step cancelled: run ended", extra={"run_id": run_id, "step": scheduled.step})
             return
-        self.executed += 1
         event = await self._append(job, "finished", outcome)
         log.info(
             "step %s",

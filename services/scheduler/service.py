@@ -64,8 +64,6 @@ class SchedulerService:
         self.timer_poll_s = timer_poll_s
         self.loader = RunLoader(store)
         self.tracer = RunTracer(store.config, tracer_provider)
-        self.decisions_appended = 0
-        self.conflicts = 0
         self._stop = anyio.Event()
         self._armed: dict[str, int] = {}
 
@@ -152,20 +150,17 @@ class SchedulerService:
                 spans.end(request, outcome)
                 state = pending[request.run_id]
                 if _moved(outcome):
-                    self.conflicts += 1
                     reloaded = await self.loader.load(request.run_id)
                     if reloaded is not None:
                         retry[request.run_id] = reloaded
                     continue
                 for event, result in zip(request.events, outcome, strict=True):
                     if result.outcome is Outcome.APPENDED:
-                        self.decisions_appended += 1
                         state = evolve(state, _with_seq(event, result.seq))
                         _log_decision(event, result.seq)
+                # decide already folded these decisions in; when they come back through the feed
+                # the run is decided again (conflicted runs are retried below, reloaded).
                 self.loader.remember(state)
-                # Our own appends come back through the feed; deciding again right away lets a
-                # run advance several steps (e.g. start, then schedule) without waiting for it.
-                retry[request.run_id] = state
             pending = retry
             causes = spans.next_causes()
         log.warning("decisions still moving after %d rounds", MAX_REDECIDE)

@@ -17,7 +17,7 @@ import pytest
 
 from eventstore import codec
 from eventstore.audit import chain_mac, content_digest, verify_run
-from eventstore.errors import EventTooLarge, InvalidAppend
+from eventstore.errors import EventTooLarge, InvalidAppend, StoreClosed
 from eventstore.events import (
     Envelope,
     ErrorInfo,
@@ -546,6 +546,30 @@ class StoreContract(abc.ABC):
                 await store.append("run-a", [step_done("run-a", 1)])
                 await fetched.wait()
         assert [d.envelope.event_id for d in got] == ["run-a-1"]
+
+    @pytest.mark.parametrize("closing", ["store", "subscription"])
+    async def test_close_wakes_a_blocked_fetch(self, closing: str) -> None:
+        store = await self.open_store()
+        subscription = await store.subscribe("workers", "c1")
+        got: list[list[Delivery]] = []
+        fetched = anyio.Event()
+
+        async def wait_for_entries() -> None:
+            got.append(await subscription.fetch(block_ms=60_000))
+            fetched.set()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait_for_entries)
+                await anyio.wait_all_tasks_blocked()
+                await (store.close() if closing == "store" else subscription.close())
+                await fetched.wait()
+        assert got == [[]]
+        with pytest.raises(StoreClosed):
+            await subscription.fetch(block_ms=0)
+        await store.close()
+        with pytest.raises(StoreClosed):
+            await store.ping()
 
     async def test_blocking_fetch_returns_empty_after_block(self) -> None:
         store = await self.open_store()

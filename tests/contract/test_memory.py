@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 
-import anyio
 import pytest
 
 from eventstore.errors import InvalidAppend, StoreClosed
 from eventstore.memory import MemoryStore
-from eventstore.store import Delivery, EventStore, StoreConfig
+from eventstore.store import EventStore, StoreConfig
 
 from .base import BASE_TS, StoreContract, step_done
 
@@ -89,27 +88,6 @@ class TestMemoryStore(StoreContract):
         assert isinstance(store, MemoryStore)
         with pytest.raises(InvalidAppend):
             store.add_raw_feed_entry(2, b"x")
-
-    @pytest.mark.parametrize("closing", ["store", "subscription"])
-    async def test_close_wakes_a_blocked_fetch(self, closing: str) -> None:
-        store = await self.open_store()
-        subscription = await store.subscribe("workers", "c1")
-        got: list[list[Delivery]] = []
-        fetched = anyio.Event()
-
-        async def wait_for_entries() -> None:
-            got.append(await subscription.fetch(block_ms=60_000))
-            fetched.set()
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(wait_for_entries)
-                await anyio.wait_all_tasks_blocked()
-                await (store.close() if closing == "store" else subscription.close())
-                await fetched.wait()
-        assert got == [[]]
-        with pytest.raises(StoreClosed):
-            await subscription.fetch(block_ms=0)
 
     async def test_closed_store_refuses_requests(self) -> None:
         store = await self.open_store()

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from support.redis_server import RedisServer, admin_client, age_pending, isolated
 
 from eventstore import codec
-from eventstore.errors import StoreClosed, StoreUnavailable
+from eventstore.errors import StoreUnavailable
 from eventstore.events import RunCompleted, RunRetryRequested
 from eventstore.keys import Keys
 from eventstore.redis_conn import Arg, command, redact_url
@@ -227,30 +227,6 @@ class TestRedisBackend(RedisHarness):
                 await fetched.wait()
         assert [d.envelope.event_id for d in got] == ["run-a-1"]
         await store.close()
-
-    @pytest.mark.parametrize("closing", ["store", "subscription"])
-    async def test_close_wakes_a_blocked_fetch(self, closing: str) -> None:
-        store = await self.open_redis()
-        subscription = await store.subscribe("workers", "c1")
-        got: list[list[Delivery]] = []
-        fetched = anyio.Event()
-
-        async def wait_for_entries() -> None:
-            got.append(await subscription.fetch(block_ms=60_000))
-            fetched.set()
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(wait_for_entries)
-                await anyio.wait_all_tasks_blocked()
-                await (store.close() if closing == "store" else subscription.close())
-                await fetched.wait()
-        assert got == [[]]
-        with pytest.raises(StoreClosed):
-            await subscription.fetch(block_ms=0)
-        await store.close()
-        with pytest.raises(StoreClosed):
-            await store.ping()
 
     async def test_read_ahead_of_a_multi_feed_read_is_handed_out_later(self) -> None:
         store = await self.open_redis()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from services.agents.llm import LlmAgent
 from services.agents.registry import AgentRegistry
 from services.agents.resilience import AgentExecutor, BreakerSettings, BreakerState, CircuitOpen
 from services.agents.webhook import HttpAgent
+from services.bench.redis_launcher import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -103,10 +103,7 @@ async def llm_agent(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[LlmAgent]:
 
 def _refused_url() -> str:
     """A URL on a local port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 # --- http ------------------------------------------------------------------------------------

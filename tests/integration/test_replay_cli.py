@@ -12,9 +12,9 @@ from typing import Any
 
 import msgspec
 import pytest
-from support.groups import caught_up
 from support.processes import REPO
 from support.redis_server import RedisServer, isolated
+from support.waits import caught_up
 
 from eventstore.redis_store import RedisStore
 from eventstore.store import StoreConfig

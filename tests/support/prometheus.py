@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -47,6 +46,7 @@ from eventstore.events import (
 )
 from eventstore.ids import new_event_id
 from eventstore.store import EventStore
+from services.bench.redis_launcher import free_port
 from services.observability.prometheus import ProcessMetrics
 
 #: What Grafana substitutes for its interval macros when the tests evaluate a panel query.
@@ -83,13 +83,6 @@ def promtool(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProc
         timeout=120,
         check=False,
     )
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from support.groups import caught_up
 from support.processes import REPO
+from support.waits import caught_up
 
 from eventstore.events import Envelope
 from eventstore.memory import MemoryStore
