@@ -3,9 +3,10 @@
 -- KEYS: 1 run stream, 2 head, 3 partition feed, 4 partition run index, 5 snapshot,
 --       5 + i dedup key of event i.
 -- ARGV: 1 run id, 2 expected seq (-1: none), 3 dedup ttl ms, 4 retention ms,
---       5 terminal statuses (space separated), 6 audit key ('' if none), then 4 values per
+--       5 terminal statuses (space separated), 6 audit key ('' if none), then 5 values per
 --       event: payload digest, envelope bytes (seq 0), new run status ('' if none),
---       sha256 hex of the envelope bytes ('' without an audit key).
+--       sha256 hex of the envelope bytes ('' without an audit key), '1' if the event is
+--       passive else ''.
 -- Reply: 4 values per event: outcome (a appended, d duplicate, m mismatch, c conflict),
 --        seq (given or original, 0 if none), entry id ('' if none), the run's seq on conflict.
 --
@@ -13,6 +14,8 @@
 -- a time id, which is the entry id reported, kept in the head and in the dedup record.
 -- The run index scores a run by the server time of its first append, in ms with us digits.
 -- Every read and check happens before the first write: a script cannot roll back.
+-- The head's ver is the seq of the run's last non-passive event: an expected seq is met
+-- when ver <= expected <= seq (only passive events came after it).
 --
 -- Entries carry s (seq), e (envelope), h = sha1hex(prev h "\n" s "\n" e) and, with an audit
 -- key, m = hmac_sha256_hex(key, prev m "\n" s "\n" sha256hex(e)); the head keeps the last
@@ -22,14 +25,15 @@
 local call = redis.call
 local FIRST = 6 -- ARGV before the first event
 local FIRST_KEY = 5 -- KEYS before the first dedup key
-local WIDTH = 4
+local WIDTH = 5
 local n = (#ARGV - FIRST) / WIDTH
 
-local head = call('HMGET', KEYS[2], 'seq', 'hash', 'status', 'mac')
+local head = call('HMGET', KEYS[2], 'seq', 'hash', 'status', 'mac', 'ver')
 local seq = tonumber(head[1]) or 0
 local prev_hash = head[2] or ''
 local status = head[3] or ''
 local prev_mac = head[4] or ''
+local ver = tonumber(head[5]) or seq
 local audit_key = ARGV[6] ~= '' and hmac_key(ARGV[6]) or nil
 local expected = tonumber(ARGV[2])
 
@@ -61,7 +65,7 @@ end
 
 local reply = {}
 -- Expected seq missed: new events (and their repeats with the same payload) conflict.
-if fresh > 0 and expected >= 0 and expected ~= seq then
+if fresh > 0 and expected >= 0 and (expected > seq or expected < ver) then
   local r = 0
   for i = 1, n do
     if code[i] == 'n' or repeat_of[i] then
@@ -107,6 +111,9 @@ for i = 1, n do
       local now = call('TIME')
       call('ZADD', KEYS[4], 'NX', now[1] * 1000 + now[2] / 1000, ARGV[1])
     end
+    if ARGV[base + 5] == '' then
+      ver = seq
+    end
     local new_status = ARGV[base + 3]
     if new_status ~= '' then
       status = new_status
@@ -130,7 +137,8 @@ for i = 1, n do
 end
 
 if last_entry then
-  call('HSET', KEYS[2], 'seq', seq, 'entry', last_entry, 'hash', prev_hash, 'status', status)
+  call('HSET', KEYS[2], 'seq', seq, 'entry', last_entry, 'hash', prev_hash, 'status', status,
+    'ver', ver)
   if audit_key then
     call('HSET', KEYS[2], 'mac', prev_mac)
   end

@@ -232,6 +232,7 @@ EventData = (
 EVENT_TYPES: Final[dict[str, type[_Event]]] = {
     str(cls.__struct_config__.tag): cls for cls in EventData.__args__
 }
+_TYPE_OF: Final[dict[type[_Event], str]] = {cls: tag for tag, cls in EVENT_TYPES.items()}
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -254,4 +255,4 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def type(self) -> str:
         """The event type (the payload's tag)."""
-        return str(self.data.__struct_config__.tag)
+        return _TYPE_OF[type(self.data)]

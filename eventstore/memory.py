@@ -33,6 +33,7 @@ from eventstore.errors import DecodeError, EventTooLarge, InvalidAppend, StoreCl
 from eventstore.events import Envelope
 from eventstore.keys import Keys
 from eventstore.store import (
+    PASSIVE_EVENT_TYPES,
     REASON_MAX_DELIVERIES,
     REASON_UNDECODABLE,
     STATUS_BY_EVENT_TYPE,
@@ -78,10 +79,13 @@ class _Entry:
 
 
 class _Run:
-    __slots__ = ("entries", "expires_at", "hash", "mac", "status")
+    """``ver`` is the seq of the run's last non-passive event (what expected seqs are met by)."""
+
+    __slots__ = ("entries", "expires_at", "hash", "mac", "status", "ver")
 
     def __init__(self) -> None:
         self.entries: list[_Entry] = []
+        self.ver = 0
         self.status = ""
         self.hash = ""
         self.mac = ""
@@ -418,6 +422,7 @@ class MemoryStore:
         dedup = self._dedup[partition]
         run = self._runs.get(run_id)
         current = len(run.entries) if run is not None else 0
+        ver = run.ver if run is not None else 0
         results: list[AppendResult | None] = [None] * len(prepared)
         fresh: list[tuple[int, Envelope, bytes, str]] = []
         first_in_batch: dict[str, tuple[int, str]] = {}
@@ -437,7 +442,7 @@ class MemoryStore:
             else:
                 first_in_batch[event_id] = (index, digest)
                 fresh.append((index, envelope, raw, digest))
-        if fresh and expected_seq is not None and expected_seq != current:
+        if fresh and expected_seq is not None and not ver <= expected_seq <= current:
             for index, envelope, _, _ in fresh:
                 results[index] = AppendResult(
                     event_id=envelope.event_id, outcome=Outcome.CONFLICT, current_seq=current
@@ -482,7 +487,10 @@ class MemoryStore:
                 run.mac = entry.mac = chain_mac(key, run.mac, seq, content_digest(raw))
             dedup[envelope.event_id] = _Dedup(entry.entry_id, seq, digest, dedup_expires)
             self._dedup_expiry.append((dedup_expires, partition, envelope.event_id))
-            status = STATUS_BY_EVENT_TYPE.get(envelope.type)
+            event_type = envelope.type
+            if event_type not in PASSIVE_EVENT_TYPES:
+                run.ver = seq
+            status = STATUS_BY_EVENT_TYPE.get(event_type)
             if status is not None:
                 run.status = status
                 if status in TERMINAL_STATUSES:

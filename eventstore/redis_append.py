@@ -18,6 +18,7 @@ from eventstore.errors import EventTooLarge, InvalidAppend
 from eventstore.events import Envelope
 from eventstore.keys import Keys, RunKeys
 from eventstore.store import (
+    PASSIVE_EVENT_TYPES,
     STATUS_BY_EVENT_TYPE,
     TERMINAL_STATUSES,
     AppendResult,
@@ -84,6 +85,7 @@ class PreparedAppend:
                 raw,
                 _STATUS.get(envelope.type, b""),
                 hashlib.sha256(raw).hexdigest().encode() if audit else b"",
+                b"1" if envelope.type in PASSIVE_EVENT_TYPES else b"",
             )
         return call_keys, args
 

@@ -10,8 +10,11 @@ Semantics shared by every backend:
   is a ``duplicate`` (with the original seq); the same ``event_id`` with another payload (see
   :func:`eventstore.codec.payload_digest`) is a ``mismatch`` and is not written. With
   ``expected_seq`` (a *decision*), the new events of the batch are written only if the run is
-  at exactly that seq; otherwise every new event of the batch is a ``conflict`` carrying the
-  current seq, and nothing is written. Validation happens before the first write.
+  at that seq, or has moved past it by *passive* events only (:data:`PASSIVE_EVENT_TYPES`:
+  bookkeeping such as ``checkpoint_taken`` that no decision depends on; the batch then gets
+  the next seqs after them); otherwise every new event of the batch is a ``conflict``
+  carrying the current seq, and nothing is written. Validation happens before the first
+  write.
 * ``seq`` is 1-based and contiguous within a run.
 * Every entry carries the chain hash and, with ``audit_key``, the chain MAC (see
   :mod:`eventstore.audit`); ``read_records`` returns the entries as stored, for verification.
@@ -48,6 +51,13 @@ STATUS_BY_EVENT_TYPE: dict[str, str] = {
     "run_failed": "failed",
     "run_cancelled": "cancelled",
 }
+
+
+#: Event types that do not invalidate a decision: an append with ``expected_seq`` still goes
+#: through when only events of these types came after that seq. A checkpoint records that a
+#: snapshot exists; a scheduler's decision made just before it is as valid as before, so a
+#: checkpointer never makes the scheduler decide again.
+PASSIVE_EVENT_TYPES: frozenset[str] = frozenset({"checkpoint_taken"})
 
 
 class StoreConfig(msgspec.Struct, frozen=True, kw_only=True):

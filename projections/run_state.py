@@ -716,6 +716,20 @@ def evolve(state: RunState | None, event: Envelope) -> RunState:
     return n.build()
 
 
+def evolve_passed(state: RunState, event: Envelope) -> RunState:
+    """``state`` with a passive event (see ``eventstore.store.PASSIVE_EVENT_TYPES``) folded in
+    that it was already moved past: a decision appended with an expected seq lands after any
+    passive events that came in between, and whoever folded the decision locally gets those
+    events afterwards. Only the event's own field changes; the result equals folding it in
+    order, as every later event sets ``seq``, ``last_event_id`` and ``updated_ms`` itself."""
+    data = event.data
+    if not isinstance(data, CheckpointTaken):
+        raise TypeError(f"{event.type} at seq {event.seq} of run {event.run_id} is not passive")
+    return msgspec.structs.replace(
+        state, checkpoint_seq=max(state.checkpoint_seq, data.covered_seq)
+    )
+
+
 def replay(events: Iterable[Envelope]) -> RunState | None:
     """The state after every event of ``events`` (None if there are none)."""
     state: RunState | None = None

@@ -2,6 +2,11 @@
 
 State is only ever derived from the log; the cache and snapshots are accelerators that are
 checked against the log (every load catches up from the cached/snapshotted seq).
+
+A scheduler folds the decisions it appended into its cached state right away. A decision may
+land after passive events it has not seen yet (``eventstore.store.PASSIVE_EVENT_TYPES``); the
+loader remembers those seqs as *holes* and folds the passive events in when the feed delivers
+them (:func:`projections.run_state.evolve_passed`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import msgspec
 
 from eventstore.events import Envelope
 from eventstore.store import EventStore, Snapshot
-from projections.run_state import STATE_VERSION, RunState, evolve
+from projections.run_state import STATE_VERSION, RunState, evolve, evolve_passed
 from services.workflow.loader import parse_definition
 from services.workflow.model import WorkflowDef
 
@@ -48,20 +53,29 @@ class RunLoader:
         self.store = store
         self.cache_size = cache_size
         self._states: OrderedDict[str, RunState] = OrderedDict()
+        self._holes: dict[str, set[int]] = {}
         self._definitions: dict[str, WorkflowDef] = {}
         self.events_read = 0
 
-    def remember(self, state: RunState) -> None:
-        self._states[state.run_id] = state
-        self._states.move_to_end(state.run_id)
+    def remember(self, state: RunState, *, passed: range = range(0)) -> None:
+        """Cache ``state``; ``passed``: seqs of passive events it was moved past unseen."""
+        run_id = state.run_id
+        self._states[run_id] = state
+        self._states.move_to_end(run_id)
+        if passed:
+            self._holes.setdefault(run_id, set()).update(passed)
         while len(self._states) > self.cache_size:
-            self._states.popitem(last=False)
+            evicted, _ = self._states.popitem(last=False)
+            self._holes.pop(evicted, None)
 
     def forget(self, run_id: str) -> None:
         self._states.pop(run_id, None)
+        self._holes.pop(run_id, None)
 
     async def load(self, run_id: str) -> RunState | None:
         """The run's current state: cached or snapshotted state, caught up from the log."""
+        if run_id in self._holes:
+            self.forget(run_id)
         state = self._states.get(run_id)
         if state is None:
             snapshot = await self.store.get_snapshot(run_id)
@@ -80,13 +94,22 @@ class RunLoader:
         the cached state when they are its next events, else loaded from the store."""
         state = self._states.get(run_id)
         if state is None:
-            return await self.load(run_id)
+            events = list(events)
+            if not events or events[0].seq != 1:
+                return await self.load(run_id)
+        holes = self._holes.get(run_id)
         for event in events:
-            if event.seq == state.seq + 1:
+            if state is None or event.seq == state.seq + 1:
                 state = evolve(state, event)
             elif event.seq > state.seq + 1:
                 return await self.load(run_id)
-        self.remember(state)
+            elif holes and event.seq in holes:
+                state = evolve_passed(state, event)
+                holes.discard(event.seq)
+        if holes is not None and not holes:
+            del self._holes[run_id]
+        if state is not None:
+            self.remember(state)
         return state
 
     def definition(self, state: RunState) -> WorkflowDef:

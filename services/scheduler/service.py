@@ -154,13 +154,17 @@ class SchedulerService:
                     if reloaded is not None:
                         retry[request.run_id] = reloaded
                     continue
+                passed = range(0)
                 for event, result in zip(request.events, outcome, strict=True):
                     if result.outcome is Outcome.APPENDED:
+                        if result.seq > state.seq + 1:
+                            # Passive events (checkpoints) came after the decided-on seq.
+                            passed = range(state.seq + 1, result.seq)
                         state = evolve(state, _with_seq(event, result.seq))
                         _log_decision(event, result.seq)
                 # decide already folded these decisions in; when they come back through the feed
                 # the run is decided again (conflicted runs are retried below, reloaded).
-                self.loader.remember(state)
+                self.loader.remember(state, passed=passed)
             pending = retry
             causes = spans.next_causes()
         log.warning("decisions still moving after %d rounds", MAX_REDECIDE)

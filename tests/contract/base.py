@@ -19,6 +19,7 @@ from eventstore import codec
 from eventstore.audit import chain_mac, content_digest, verify_run
 from eventstore.errors import EventTooLarge, InvalidAppend, StoreClosed
 from eventstore.events import (
+    CheckpointTaken,
     Envelope,
     ErrorInfo,
     EventData,
@@ -59,6 +60,12 @@ def step_done(run_id: str, n: int, *, output: Any = None, event_id: str = "") ->
     """A ``step_succeeded`` event numbered ``n`` (event id ``<run_id>-<n>`` unless given)."""
     data = StepSucceeded(step=f"step-{n}", attempt=1, agent="echo", output=output or n)
     return envelope(run_id, event_id or f"{run_id}-{n}", data, ts=BASE_TS + n)
+
+
+def checkpoint(run_id: str, covered_seq: int) -> Envelope:
+    """A passive ``checkpoint_taken`` event covering ``covered_seq``."""
+    data = CheckpointTaken(covered_seq=covered_seq, snapshot_key=f"snap:{run_id}")
+    return envelope(run_id, f"{run_id}-checkpoint-{covered_seq}", data)
 
 
 def submitted(run_id: str) -> Envelope:
@@ -262,6 +269,28 @@ class StoreContract(abc.ABC):
         assert outcomes(first) == [(Outcome.APPENDED, 1)]
         [late] = await store.append("run-a", [step_done("run-a", 2)], expected_seq=0)
         assert (late.outcome, late.current_seq) == (Outcome.CONFLICT, 1)
+
+    async def test_expected_seq_is_met_past_passive_events_only(self) -> None:
+        store = await self.open_store()
+        await store.append("run-a", [step_done("run-a", 1), step_done("run-a", 2)])
+        await store.append("run-a", [checkpoint("run-a", 2), checkpoint("run-a", 3)])
+        decided = await store.append("run-a", [step_done("run-a", 3)], expected_seq=2)
+        assert outcomes(decided) == [(Outcome.APPENDED, 5)]
+        assert [e.seq for e in await history(store, "run-a")] == [1, 2, 3, 4, 5]
+        # The decision is not passive: a decision made before it is stale now.
+        for stale in (2, 3, 4):
+            [late] = await store.append("run-a", [step_done("run-a", 6)], expected_seq=stale)
+            assert (late.outcome, late.current_seq) == (Outcome.CONFLICT, 5)
+        [ahead] = await store.append("run-a", [step_done("run-a", 6)], expected_seq=6)
+        assert (ahead.outcome, ahead.current_seq) == (Outcome.CONFLICT, 5)
+        [current] = await store.append("run-a", [step_done("run-a", 6)], expected_seq=5)
+        assert outcomes([current]) == [(Outcome.APPENDED, 6)]
+
+    async def test_passive_events_of_a_new_run_still_meet_expected_seq_zero(self) -> None:
+        store = await self.open_store()
+        await store.append("run-a", [checkpoint("run-a", 0)])
+        [decided] = await store.append("run-a", [step_done("run-a", 1)], expected_seq=0)
+        assert outcomes([decided]) == [(Outcome.APPENDED, 2)]
 
     async def test_all_duplicate_batch_with_stale_expected_seq_is_duplicate(self) -> None:
         store = await self.open_store()
