@@ -1,7 +1,8 @@
 """The embedded in-memory event store: the Redis backend's semantics in one process.
 
 Used when no Redis URL is configured and by fast tests. It keeps what Redis would keep: the
-encoded bytes of every event (so readers get fresh objects, as from Redis), entry ids in the
+encoded bytes of every event (each is decoded once, at append, into the frozen envelope every
+reader is handed: readers share it and must not change its payload's containers), entry ids in the
 Redis ``"<ms>-<n>"`` format, strictly increasing per partition feed (a run's entries carry the
 id of their feed entry), dedup records with a TTL, per-run heads with the chain hash, consumer
 groups with pending entries, claims and dead letters, timers and snapshots. Expiry (dedup,
@@ -65,9 +66,10 @@ def wall_clock_ms() -> int:
 
 
 class _Entry:
-    """One stored event: feed entry and run stream entry at once."""
+    """One stored event: feed entry and run stream entry at once. ``envelope`` is the decoded
+    event (None for raw feed entries, which are decoded, or dead-lettered, when delivered)."""
 
-    __slots__ = ("entry_id", "hash", "key", "mac", "raw", "seq")
+    __slots__ = ("entry_id", "envelope", "hash", "key", "mac", "raw", "seq")
 
     def __init__(self, key: EntryKey, seq: int, raw: bytes) -> None:
         self.key = key
@@ -76,6 +78,14 @@ class _Entry:
         self.raw = raw
         self.hash = ""
         self.mac = ""
+        self.envelope: Envelope | None = None
+
+    def decoded(self, where: str) -> Envelope:
+        """The entry's envelope; raises :class:`DecodeError` naming ``where``."""
+        envelope = self.envelope
+        if envelope is None:
+            envelope = codec.decode(self.raw, seq=self.seq, where=where)
+        return envelope
 
 
 class _Run:
@@ -311,9 +321,7 @@ class MemorySubscription:
     def _hand(self, group: _Group, pending: _Pending, out: list[Delivery]) -> None:
         entry = pending.entry
         try:
-            envelope = codec.decode(
-                entry.raw, seq=entry.seq, where=f"feed {group.partition} entry {entry.entry_id}"
-            )
+            envelope = entry.decoded(f"feed {group.partition} entry {entry.entry_id}")
         except DecodeError as exc:
             self._store._dead_letter(group, pending, f"{REASON_UNDECODABLE}: {exc}")
             return
@@ -481,6 +489,7 @@ class MemoryStore:
         for _, envelope, raw, digest in fresh:
             seq = len(run.entries) + 1
             entry = feed.add(now, seq, raw)
+            entry.envelope = codec.decode(raw, seq=seq, where=f"run {run_id} seq {seq}")
             run.entries.append(entry)
             run.hash = entry.hash = codec.chain_hash(run.hash, seq, raw)
             if key:
@@ -522,7 +531,7 @@ class MemoryStore:
         while True:
             page = run.entries[position : position + _READ_PAGE]
             for entry in page:
-                yield codec.decode(entry.raw, seq=entry.seq, where=f"run {run_id} seq {entry.seq}")
+                yield entry.decoded(f"run {run_id} seq {entry.seq}")
             if len(page) < _READ_PAGE:
                 return
             position += len(page)
@@ -711,11 +720,7 @@ class MemoryStore:
         envelopes = []
         for entry in entries:
             try:
-                envelopes.append(
-                    codec.decode(
-                        entry.raw, seq=entry.seq, where=f"feed {partition} entry {entry.entry_id}"
-                    )
-                )
+                envelopes.append(entry.decoded(f"feed {partition} entry {entry.entry_id}"))
             except DecodeError:
                 continue
         return envelopes

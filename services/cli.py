@@ -18,6 +18,7 @@ import yaml
 from rich.console import Console
 
 from eventstore.errors import FlowlogError
+from services.runtime import tune_gc
 from services.settings import Settings
 from services.workflow.errors import DefinitionError
 
@@ -214,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = _handlers()[key]
     out = Output(args.output)
     args.out = out
+    tune_gc()
     try:
         return anyio.run(handler, args, settings)
     except DefinitionError as exc:
