@@ -32,6 +32,7 @@ local head = call('HMGET', KEYS[2], 'seq', 'hash', 'status', 'mac', 'ver')
 local seq = tonumber(head[1]) or 0
 local prev_hash = head[2] or ''
 local status = head[3] or ''
+local first_status = status
 local prev_mac = head[4] or ''
 local ver = tonumber(head[5]) or seq
 local audit_key = ARGV[6] ~= '' and hmac_key(ARGV[6]) or nil
@@ -143,17 +144,19 @@ if last_entry then
     call('HSET', KEYS[2], 'mac', prev_mac)
   end
   if status_changed then
-    local terminal = false
+    local terminal, was_terminal = false, false
     for word in string.gmatch(ARGV[5], '%S+') do
-      if word == status then
-        terminal = true
-      end
+      terminal = terminal or word == status
+      was_terminal = was_terminal or word == first_status
     end
-    for _, key in ipairs({ KEYS[1], KEYS[2], KEYS[5] }) do
-      if terminal then
-        call('PEXPIRE', key, ARGV[4])
-      else
-        call('PERSIST', key)
+    -- Only a terminal status sets a TTL: keys of a run that was not finished have none.
+    if terminal or was_terminal then
+      for _, key in ipairs({ KEYS[1], KEYS[2], KEYS[5] }) do
+        if terminal then
+          call('PEXPIRE', key, ARGV[4])
+        else
+          call('PERSIST', key)
+        end
       end
     end
   end
