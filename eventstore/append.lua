@@ -43,9 +43,18 @@ local code, given, entry = {}, {}, {}
 local first_index = {} -- dedup key -> index of its first new occurrence in this batch
 local repeat_of = {} -- index -> index of the earlier new event with the same id
 local fresh = 0
+local records = {} -- the dedup records, fetched MGET_CHUNK keys per call
+local MGET_CHUNK = 500 -- keys per MGET call (unpack has a stack limit)
+for first = 1, n, MGET_CHUNK do
+  local last = math.min(first + MGET_CHUNK - 1, n)
+  local found = call('MGET', unpack(KEYS, FIRST_KEY + first, FIRST_KEY + last))
+  for j = first, last do
+    records[j] = found[j - first + 1]
+  end
+end
 for i = 1, n do
   local dedup_key = KEYS[FIRST_KEY + i]
-  local known = call('GET', dedup_key)
+  local known = records[i]
   if known then
     local known_entry, known_seq, known_digest = string.match(known, '^(%S+) (%d+) (%S+)$')
     code[i] = (known_digest == ARGV[FIRST + (i - 1) * WIDTH + 1]) and 'd' or 'm'

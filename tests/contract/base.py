@@ -160,6 +160,19 @@ class StoreContract(abc.ABC):
         assert keys == sorted(set(keys))
         assert await history(store, "run-a") == [stored(e, n) for n, e in enumerate(events, 1)]
 
+    async def test_a_large_batch_is_deduplicated_as_a_whole(self) -> None:
+        store = await self.open_store()
+        events = [step_done("run-a", n) for n in range(1, 1201)]
+        first = await store.append("run-a", events[:700])
+        assert outcomes(first) == [(Outcome.APPENDED, n) for n in range(1, 701)]
+        again = await store.append("run-a", [*events, events[-1]])
+        assert outcomes(again) == [
+            *[(Outcome.DUPLICATE, n) for n in range(1, 701)],
+            *[(Outcome.APPENDED, n) for n in range(701, 1201)],
+            (Outcome.DUPLICATE, 1200),
+        ]
+        assert [e.seq for e in await history(store, "run-a")] == list(range(1, 1201))
+
     async def test_read_run_after_seq(self) -> None:
         store = await self.open_store()
         events = [step_done("run-a", n) for n in range(1, 6)]
