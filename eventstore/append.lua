@@ -159,13 +159,11 @@ if last_entry then
       was_terminal = was_terminal or word == first_status
     end
     -- Only a terminal status sets a TTL: keys of a run that was not finished have none.
-    if terminal or was_terminal then
-      for _, key in ipairs({ KEYS[1], KEYS[2], KEYS[5] }) do
-        if terminal then
-          call('PEXPIRE', key, ARGV[4])
-        else
-          call('PERSIST', key)
-        end
+    for _, key in ipairs({ KEYS[1], KEYS[2], KEYS[5] }) do
+      if terminal then
+        call('PEXPIRE', key, ARGV[4])
+      elseif was_terminal then
+        call('PERSIST', key)
       end
     end
   end

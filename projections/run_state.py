@@ -68,6 +68,7 @@ from eventstore.events import (
     StepStarted,
     StepSucceeded,
 )
+from eventstore.store import PASSIVE_EVENT_TYPES
 
 #: Version of the encoded state; snapshots of another version are not used.
 STATE_VERSION: Final = 1
@@ -717,17 +718,16 @@ def evolve(state: RunState | None, event: Envelope) -> RunState:
 
 
 def evolve_passed(state: RunState, event: Envelope) -> RunState:
-    """``state`` with a passive event (see ``eventstore.store.PASSIVE_EVENT_TYPES``) folded in
+    """``state`` with a passive event (:data:`PASSIVE_EVENT_TYPES`) folded in
     that it was already moved past: a decision appended with an expected seq lands after any
     passive events that came in between, and whoever folded the decision locally gets those
     events afterwards. Only the event's own field changes; the result equals folding it in
     order, as every later event sets ``seq``, ``last_event_id`` and ``updated_ms`` itself."""
-    data = event.data
-    if not isinstance(data, CheckpointTaken):
+    if event.type not in PASSIVE_EVENT_TYPES:
         raise TypeError(f"{event.type} at seq {event.seq} of run {event.run_id} is not passive")
-    return msgspec.structs.replace(
-        state, checkpoint_seq=max(state.checkpoint_seq, data.covered_seq)
-    )
+    n = _Next(state)
+    _HANDLERS[type(event.data)](n, event.ts, event.data)
+    return n.build()
 
 
 def replay(events: Iterable[Envelope]) -> RunState | None:
