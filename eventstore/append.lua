@@ -3,10 +3,10 @@
 -- KEYS: 1 run stream, 2 head, 3 partition feed, 4 partition run index, 5 snapshot,
 --       5 + i dedup key of event i.
 -- ARGV: 1 run id, 2 expected seq (-1: none), 3 dedup ttl ms, 4 retention ms,
---       5 terminal statuses (space separated), 6 audit key ('' if none), then 5 values per
+--       5 terminal statuses (space separated), 6 audit key ('' if none), then 6 values per
 --       event: payload digest, envelope bytes (seq 0), new run status ('' if none),
---       sha256 hex of the envelope bytes ('' without an audit key), '1' if the event is
---       passive else ''.
+--       sha1 hex of the envelope bytes, sha256 hex of the envelope bytes ('' without an
+--       audit key), '1' if the event is passive else ''.
 -- Reply: 4 values per event: outcome (a appended, d duplicate, m mismatch, c conflict),
 --        seq (given or original, 0 if none), entry id ('' if none), the run's seq on conflict.
 --
@@ -17,15 +17,17 @@
 -- The head's ver is the seq of the run's last non-passive event: an expected seq is met
 -- when ver <= expected <= seq (only passive events came after it).
 --
--- Entries carry s (seq), e (envelope), h = sha1hex(prev h "\n" s "\n" e) and, with an audit
--- key, m = hmac_sha256_hex(key, prev m "\n" s "\n" sha256hex(e)); the head keeps the last
--- h and m. hmac_key and hmac_hex come from sha256.lua, included in front of this script only
+-- Run stream entries carry s (seq), e (envelope), h = sha1hex(prev h "\n" s "\n" sha1hex(e))
+-- and, with an audit key, m = hmac_sha256_hex(key, prev m "\n" s "\n" sha256hex(e)); the head
+-- keeps the last h and m. The digests of e come from the caller, which hashes e anyway (the
+-- server hashes a short string per event, not the whole envelope); a wrong digest is
+-- caught by the audit, which recomputes them from e. Feed entries carry s and e only. hmac_key and hmac_hex come from sha256.lua, included in front of this script only
 -- when the store has an audit key (without one they are never called).
 
 local call = redis.call
 local FIRST = 6 -- ARGV before the first event
 local FIRST_KEY = 5 -- KEYS before the first dedup key
-local WIDTH = 5
+local WIDTH = 6
 local n = (#ARGV - FIRST) / WIDTH
 
 local head = call('HMGET', KEYS[2], 'seq', 'hash', 'status', 'mac', 'ver')
@@ -106,22 +108,21 @@ for i = 1, n do
     seq = seq + 1
     local s = tostring(seq)
     local payload = ARGV[base + 2]
-    local h = redis.sha1hex(prev_hash .. '\n' .. s .. '\n' .. payload)
-    local id
+    local h = redis.sha1hex(prev_hash .. '\n' .. s .. '\n' .. ARGV[base + 4])
     if audit_key then
-      prev_mac = hmac_hex(audit_key, prev_mac .. '\n' .. s .. '\n' .. ARGV[base + 4])
+      prev_mac = hmac_hex(audit_key, prev_mac .. '\n' .. s .. '\n' .. ARGV[base + 5])
       call('XADD', KEYS[1], s .. '-0', 's', s, 'e', payload, 'h', h, 'm', prev_mac)
-      id = call('XADD', KEYS[3], '*', 's', s, 'e', payload, 'h', h, 'm', prev_mac)
     else
       call('XADD', KEYS[1], s .. '-0', 's', s, 'e', payload, 'h', h)
-      id = call('XADD', KEYS[3], '*', 's', s, 'e', payload, 'h', h)
     end
-    call('SET', KEYS[FIRST_KEY + i], id .. ' ' .. s .. ' ' .. ARGV[base + 1], 'NX', 'PX', dedup_ttl)
+    local id = call('XADD', KEYS[3], '*', 's', s, 'e', payload)
+    -- The record is known to be absent (checked above, in this same atomic script).
+    call('SET', KEYS[FIRST_KEY + i], id .. ' ' .. s .. ' ' .. ARGV[base + 1], 'PX', dedup_ttl)
     if seq == 1 then
       local now = call('TIME')
       call('ZADD', KEYS[4], 'NX', now[1] * 1000 + now[2] / 1000, ARGV[1])
     end
-    if ARGV[base + 5] == '' then
+    if ARGV[base + 6] == '' then
       ver = seq
     end
     local new_status = ARGV[base + 3]

@@ -1,14 +1,15 @@
 """Tamper evidence: the two per-run chains over stored entries, and their verification.
 
-Every entry of a run stream carries ``h = sha1hex(prev_h "\\n" s "\\n" e)`` (see
+Every entry of a run stream carries ``h = sha1hex(prev_h "\\n" s "\\n" sha1hex(e))`` (see
 :func:`eventstore.codec.chain_hash`): it detects accidents and any edit by someone who does not
 recompute the chain. With an audit key configured (``FLOWLOG_AUDIT_KEY``) each entry also
 carries ``m = hmac_sha256_hex(key, prev_m "\\n" s "\\n" sha256hex(e))``, chained per run like
 ``h``, the last one kept in the run's head. ``prev_h`` is "" before seq 1, ``prev_m`` "" before
 the first keyed entry. The append script computes both atomically with the seq (one round trip;
-the client sends ``sha256hex(e)`` and the key as script arguments). With a key, every entry must
-carry a MAC: entries written before the key was configured are reported (``no mac``), so verify
-such runs without the key.
+the client sends ``sha1hex(e)``, ``sha256hex(e)`` and the key as script arguments; verification
+recomputes both digests from the stored ``e``, so a wrong one is caught like an edit). With a
+key, every entry must carry a MAC: entries written before the key was configured are reported
+(``no mac``), so verify such runs without the key.
 
 Cost: Redis 7.0 scripts have no SHA-256, so ``sha256.lua`` computes it in Lua (four
 compressions per event, about 0.2 ms of server time). On a 2-core machine appends went from

@@ -94,13 +94,23 @@ def from_json_line(line: bytes | str, *, where: str = "line") -> Envelope:
     return envelope
 
 
+def entry_digest(raw: bytes) -> str:
+    """``sha1_hex(raw)``: the digest of a stored envelope that :func:`chain_hash` links."""
+    return hashlib.sha1(raw).hexdigest()
+
+
 def chain_hash(previous: str, seq: int, raw: bytes) -> str:
-    """The tamper-evident hash of a run's entry: ``sha1_hex(previous "\\n" seq "\\n" raw)``.
+    """The tamper-evident hash of a run's entry:
+    ``sha1_hex(previous "\\n" seq "\\n" sha1_hex(raw))``.
 
     ``raw`` is the stored encoding (:func:`encode` of the envelope with ``seq`` 0),
     ``previous`` the hash of entry ``seq - 1`` ("" for seq 1). A run's head keeps the last one.
+    The envelope enters through its digest, so the redis backend's append script hashes a
+    short string per event while the writer, which has the bytes at hand, digests them.
     """
-    return hashlib.sha1(b"%s\n%d\n%s" % (previous.encode(), seq, raw)).hexdigest()
+    return hashlib.sha1(
+        b"%s\n%d\n%s" % (previous.encode(), seq, entry_digest(raw).encode())
+    ).hexdigest()
 
 
 def payload_digest(envelope: Envelope) -> str:

@@ -80,12 +80,14 @@ class PreparedAppend:
         audit = bool(config.audit_key)
         for envelope, raw in zip(self.events, self.raws, strict=True):
             call_keys.append(keys.dedup(envelope.event_id).encode())
+            event_type = envelope.type
             args += (
                 codec.payload_digest(envelope).encode(),
                 raw,
-                _STATUS.get(envelope.type, b""),
+                _STATUS.get(event_type, b""),
+                codec.entry_digest(raw).encode(),
                 hashlib.sha256(raw).hexdigest().encode() if audit else b"",
-                b"1" if envelope.type in PASSIVE_EVENT_TYPES else b"",
+                b"1" if event_type in PASSIVE_EVENT_TYPES else b"",
             )
         return call_keys, args
 

@@ -7,8 +7,9 @@ once, at the edge.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any
@@ -181,19 +182,23 @@ class LuaScript:
         [reply] = await self.run_many([(keys, args)])
         return reply
 
-    async def run_many(self, calls: Iterable[ScriptCall]) -> list[Any]:
+    async def run_many(
+        self, calls: Iterable[ScriptCall], parse: Callable[[int, Any], Any] | None = None
+    ) -> list[Any]:
         """Run the script once per ``(keys, args)``, all in one round trip, in order.
 
         ``calls`` is consumed while the first calls are already on their way. Calls are
         independent (no transaction). If the server lost the script, the calls that failed
-        with NOSCRIPT are sent again, in order, after loading it.
+        with NOSCRIPT are sent again, in order, after loading it. ``parse(position, reply)``,
+        if given, turns each reply into the result as soon as it is read, while the server
+        is still running later calls.
         """
         sent: list[ScriptCall] = []
-        results = await self._stream(calls, sent)
+        results = await self._stream(calls, sent, parse, itertools.count())
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
             await self._client.script_load(self._script.script)
-            retried = await self._stream([sent[i] for i in missing], [])
+            retried = await self._stream([sent[i] for i in missing], [], parse, iter(missing))
             for i, result in zip(missing, retried, strict=True):
                 results[i] = result
         for result in results:
@@ -201,33 +206,43 @@ class LuaScript:
                 raise result
         return results
 
-    async def _stream(self, calls: Iterable[ScriptCall], sent: list[ScriptCall]) -> list[Any]:
+    async def _stream(
+        self,
+        calls: Iterable[ScriptCall],
+        sent: list[ScriptCall],
+        parse: Callable[[int, Any], Any] | None,
+        positions: Iterator[int],
+    ) -> list[Any]:
         sha = self._script.sha
         pool = self._client.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             chunk: list[bytes] = []
+            # The first call goes out alone, so the server starts while the next are encoded;
+            # then chunks double up to _STREAM_CHUNK calls per write.
+            size = 1
             for call in calls:
                 sent.append(call)
                 keys, args = call
                 chunk.append(pack(["EVALSHA", sha, len(keys), *keys, *args]))
-                if len(chunk) == _STREAM_CHUNK:
+                if len(chunk) == size:
                     # Only the first write may check the connection's health (a PING).
-                    first = len(sent) == _STREAM_CHUNK
-                    await connection.send_packed_command(chunk, check_health=first)
+                    await connection.send_packed_command(chunk, check_health=len(sent) == 1)
                     chunk = []
+                    size = min(size * 2, _STREAM_CHUNK)
             if chunk:
-                first = len(sent) == len(chunk)
-                await connection.send_packed_command(chunk, check_health=first)
+                await connection.send_packed_command(chunk, check_health=len(sent) == len(chunk))
             replies: list[Any] = []
             with anyio.fail_after(_reply_deadline_s(connection, len(sent))):
-                for _ in sent:
+                for position in itertools.islice(positions, len(sent)):
                     try:
-                        replies.append(
-                            await connection.read_response(disable_decoding=True, timeout=math.inf)
+                        reply = await connection.read_response(
+                            disable_decoding=True, timeout=math.inf
                         )
                     except ResponseError as exc:
                         replies.append(exc)
+                    else:
+                        replies.append(reply if parse is None else parse(position, reply))
         except BaseException:
             # Replies may be left unread: the connection cannot be used again.
             with anyio.CancelScope(shield=True):

@@ -1,9 +1,10 @@
 """The redis backend of the event log (standalone Redis; see DESIGN.md "The event log").
 
-Stream entry layout, run stream and feed alike: ``s`` (seq), ``e`` (the msgpack envelope,
-stored with seq 0) and ``h``, the chain hash ``sha1hex(previous h "\\n" s "\\n" e)`` ("" before
-seq 1), which the head keeps for the last entry; with an audit key also ``m``, the keyed MAC
-chain (see :mod:`eventstore.audit`), the head keeping the last one. A run stream's entry ids
+Run stream entries: ``s`` (seq), ``e`` (the msgpack envelope, stored with seq 0) and ``h``,
+the chain hash ``sha1hex(previous h "\\n" s "\\n" sha1hex(e))`` ("" before seq 1; see
+:func:`eventstore.codec.chain_hash`), which the head keeps for the last entry; with an audit key
+also ``m``, the keyed MAC chain (see :mod:`eventstore.audit`), the head keeping the last one.
+Feed entries carry ``s`` and ``e`` (consumers need nothing else). A run stream's entry ids
 are ``<seq>-0``, so reading a run after a seq starts right there; the entry id the store
 reports (append results, head, deliveries) is the feed entry's time-based id.
 
@@ -128,11 +129,12 @@ class RedisStore:
         if not order:
             return out
         with translate_errors(self._url):
-            replies = await self._append_script.run_many(
-                prepared[i].script_call(self.config) for i in order
+            results = await self._append_script.run_many(
+                (prepared[i].script_call(self.config) for i in order),
+                lambda position, reply: prepared[order[position]].results(reply),
             )
-        for i, reply in zip(order, replies, strict=True):
-            out[i] = prepared[i].results(reply)
+        for i, result in zip(order, results, strict=True):
+            out[i] = result
         return out
 
     # --- runs ---------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def test_payload_digest_ignores_time_producer_and_trace_but_not_data() -> None:
 
 def test_chain_hash_links_each_entry_to_the_previous() -> None:
     first = codec.chain_hash("", 1, b"abc")
-    assert first == hashlib.sha1(b"\n1\nabc").hexdigest()
-    assert (
-        codec.chain_hash(first, 2, b"def") == hashlib.sha1(first.encode() + b"\n2\ndef").hexdigest()
-    )
+    abc, def_ = (hashlib.sha1(raw).hexdigest().encode() for raw in (b"abc", b"def"))
+    assert first == hashlib.sha1(b"\n1\n" + abc).hexdigest()
+    second = codec.chain_hash(first, 2, b"def")
+    assert second == hashlib.sha1(first.encode() + b"\n2\n" + def_).hexdigest()
