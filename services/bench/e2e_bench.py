@@ -7,6 +7,11 @@ against a private redis-server unless a URL is given; in memory they run in one 
 last completion), and the handoff latency (a step's success appended -> its dependent's start
 appended, from event timestamps). The Redis figures are then measured again with submissions
 paced at half the peak rate, where handoff latency is the figure that matters.
+
+Each figure also gives ``cpu_ms_per_step``: CPU milliseconds (user + system) each process
+spent per step while the batch ran — the services, the private redis-server (not a given one)
+and the harness (submitting and polling). Throughput depends on how fast the machine is at the
+moment; this breakdown shows where the time goes, and compares across machines.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
+import psutil
 
 from eventstore.events import Envelope, StepStarted, StepSucceeded
 from eventstore.memory import MemoryStore
@@ -91,16 +97,26 @@ async def _wait_all(store: EventStore, run_ids: Sequence[str], timeout_s: float)
                 await anyio.sleep(0.01)
 
 
+def _cpu_seconds(processes: Mapping[str, psutil.Process]) -> dict[str, float]:
+    seconds = {}
+    for name, process in processes.items():
+        times = process.cpu_times()
+        seconds[name] = times.user + times.system
+    return seconds
+
+
 async def _measure(
     store: EventStore,
     definition: WorkflowDef,
     workflows: int,
     *,
+    processes: Mapping[str, psutil.Process],
     rate_per_s: float | None = None,
     timeout_s: float = 600,
 ) -> dict[str, Any]:
     producer = Producer("bench")
     run_ids: list[str] = []
+    cpu_before = _cpu_seconds(processes)
     started = time.perf_counter()
     for i in range(workflows):
         if rate_per_s:
@@ -110,6 +126,8 @@ async def _measure(
         run_ids.append((await commands.submit(store, producer, definition)).run_id)
     await _wait_all(store, run_ids, timeout_s)
     elapsed = time.perf_counter() - started
+    cpu_after = _cpu_seconds(processes)
+    steps = workflows * STEPS
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     for run_id in run_ids:
@@ -123,9 +141,13 @@ async def _measure(
         "statuses": statuses,
         "elapsed_s": round(elapsed, 3),
         "workflows_per_s": round(workflows / elapsed, 1),
-        "steps_per_s": round(workflows * STEPS / elapsed, 1),
+        "steps_per_s": round(steps / elapsed, 1),
         "handoff_p50_ms": _percentile(latencies, 0.50),
         "handoff_p99_ms": _percentile(latencies, 0.99),
+        "cpu_ms_per_step": {
+            name: round((cpu_after[name] - cpu_before[name]) * 1000 / steps, 3)
+            for name in processes
+        },
     }
 
 
@@ -141,7 +163,9 @@ async def bench_memory(workflows: int) -> dict[str, Any]:
 async def _memory_once(settings: Settings, definition: WorkflowDef, workflows: int) -> Any:
     store = MemoryStore(settings.store.to_config())
     async with running(store, settings, SERVICES):
-        result = await _measure(store, definition, workflows)
+        result = await _measure(
+            store, definition, workflows, processes={"flowlog up": psutil.Process()}
+        )
     await store.close()
     return result
 
@@ -169,21 +193,30 @@ def _start_services(url: str, prefix: str, workdir: Path) -> list[subprocess.Pop
     return procs
 
 
-async def bench_redis(url: str, workflows: int) -> dict[str, Any]:
-    """Both shapes through the four services as separate processes on Redis."""
+async def bench_redis(url: str, workflows: int, redis_pid: int | None = None) -> dict[str, Any]:
+    """Both shapes through the four services as separate processes on Redis (``redis_pid``:
+    the server's process, when it is ours, to count its CPU)."""
     results: dict[str, Any] = {}
     for name, definition in (("chain", chain_definition()), ("fanout", fanout_definition())):
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         with tempfile.TemporaryDirectory(prefix="flowlog-bench-") as tmp:
             procs = _start_services(url, prefix, Path(tmp))
+            processes = {
+                service: psutil.Process(proc.pid)
+                for service, proc in zip(SERVICES, procs, strict=True)
+            }
+            if redis_pid is not None:
+                processes["redis-server"] = psutil.Process(redis_pid)
+            processes["harness"] = psutil.Process()
             store = RedisStore.from_url(url, StoreConfig(prefix=prefix))
             try:
-                await _measure(store, definition, min(20, workflows))
-                peak = await _measure(store, definition, workflows)
+                await _measure(store, definition, min(20, workflows), processes=processes)
+                peak = await _measure(store, definition, workflows, processes=processes)
                 half = await _measure(
                     store,
                     definition,
                     max(20, workflows // 2),
+                    processes=processes,
                     rate_per_s=peak["workflows_per_s"] / 2,
                 )
                 results[name] = peak
@@ -203,6 +236,6 @@ async def bench_e2e(redis_url: str | None, workflows: int) -> dict[str, Any]:
         redis = await bench_redis(redis_url, workflows)
     else:
         with RedisServer() as server:
-            redis = await bench_redis(server.url, workflows)
+            redis = await bench_redis(server.url, workflows, server.pid)
     result: dict[str, Any] = msgspec.to_builtins({"redis": redis, "memory": memory})
     return result
