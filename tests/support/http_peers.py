@@ -7,6 +7,7 @@ Handlers that must hang wait on :attr:`HttpPeer.released`, which is set when the
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,8 +53,18 @@ class PeerResponse:
 PeerHandler = Callable[[PeerRequest], PeerResponse]
 
 
-class _Server(ThreadingHTTPServer):
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A threaded test server that does not print a traceback when a client hangs up (an
+    agent whose timeout ran out, a service process killed mid-export): tests expect that."""
+
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class _Server(QuietHTTPServer):
     block_on_close = False
 
     def __init__(self, peer: HttpPeer) -> None:

@@ -10,7 +10,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import grpc  # type: ignore[import-untyped]  # grpcio ships no type information
@@ -21,6 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from support.http_peers import QuietHTTPServer
 
 _TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 
@@ -140,8 +142,7 @@ def otlp_http_receiver() -> Iterator[tuple[str, SpanSink]]:
     """An OTLP/HTTP receiver; yields its endpoint (``OTEL_EXPORTER_OTLP_ENDPOINT``) and sink."""
     sink = SpanSink()
     handler = type("Handler", (_ExportHandler,), {"sink": sink})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = QuietHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
     thread.start()
     try:
