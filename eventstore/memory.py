@@ -185,6 +185,7 @@ class MemorySubscription:
         self._groups = store._groups[group]
         self._own: deque[tuple[_Group, _Pending]] | None = None
         self._next_partition = 0
+        self._scanned_ms: int | None = None
         self._closed = False
 
     @property
@@ -198,8 +199,9 @@ class MemorySubscription:
     async def fetch(self, max_count: int = 100, block_ms: int = 1000) -> list[Delivery]:
         """At most ``max_count`` deliveries: this consumer's pending entries not yet handed out
         since it subscribed, then pending entries idle for ``claim_idle_ms`` (claimed from any
-        consumer, as ``XAUTOCLAIM`` does), then new entries, fairly across partitions. Waits up
-        to ``block_ms`` for an append when there is nothing; ``block_ms <= 0`` returns at once.
+        consumer, as ``XAUTOCLAIM`` does; looked for at the first fetch and then at most every
+        ``claim_scan_ms``), then new entries, fairly across partitions. Waits up to
+        ``block_ms`` for an append when there is nothing; ``block_ms <= 0`` returns at once.
 
         An entry that would be handed out more than ``max_deliveries`` times, or that cannot be
         decoded, goes to the dead letters (``deliveries`` = times it was handed out) and is
@@ -265,6 +267,25 @@ class MemorySubscription:
         start = self._next_partition
         self._next_partition = (start + 1) % len(self._groups)
         rotated = self._groups[start:] + self._groups[:start]
+        if len(out) < max_count and self._scan_due(now):
+            self._claim(now, max_count, out)
+        feeds = self._store._feeds
+        for group in rotated:
+            if len(out) >= max_count:
+                break
+            if group.cursor < feeds[group.partition].end:
+                self._deliver_new(group, now, max_count - len(out), out)
+        return out
+
+    def _scan_due(self, now: int) -> bool:
+        """Whether to look for claimable entries now (and, if so, note that it happened)."""
+        last = self._scanned_ms
+        if last is not None and now - last < self._store.config.claim_scan_ms:
+            return False
+        self._scanned_ms = now
+        return True
+
+    def _claim(self, now: int, max_count: int, out: list[Delivery]) -> None:
         threshold = now - self._store.config.claim_idle_ms
         # Claims scan partitions in order and take the lowest entry ids first, up to the room
         # left when the scan starts (entries dead-lettered instead still use it up), exactly
@@ -282,13 +303,6 @@ class MemorySubscription:
             for pending in claimable[:room]:
                 self._redeliver(group, pending, now, out)
             room -= min(room, len(claimable))
-        feeds = self._store._feeds
-        for group in rotated:
-            if len(out) >= max_count:
-                break
-            if group.cursor < feeds[group.partition].end:
-                self._deliver_new(group, now, max_count - len(out), out)
-        return out
 
     def _redeliver(self, group: _Group, pending: _Pending, now: int, out: list[Delivery]) -> None:
         limit = self._store.config.max_deliveries

@@ -68,6 +68,8 @@ class StoreConfig(msgspec.Struct, frozen=True, kw_only=True):
     dedup_ttl_ms: int = 24 * 3600 * 1000
     retention_ms: int = 7 * 24 * 3600 * 1000
     claim_idle_ms: int = 30_000
+    #: A subscription looks for entries to claim at most this often (0: on every fetch).
+    claim_scan_ms: int = 1_000
     max_deliveries: int = 5
     max_event_bytes: int = 1024 * 1024
     #: Key of the per-run HMAC chain (field ``m``, see :mod:`eventstore.audit`); b"": none.

@@ -23,6 +23,7 @@ class StoreSettings(BaseModel):
     dedup_ttl_s: float = Field(24 * 3600, gt=0)
     retention_s: float = Field(7 * 24 * 3600, gt=0)
     claim_idle_s: float = Field(30.0, gt=0)
+    claim_scan_s: float = Field(1.0, ge=0)
     max_deliveries: int = Field(5, ge=1)
     max_event_bytes: int = Field(1024 * 1024, ge=1024)
     spool_path: Path = Path(".flowlog/spool.log")
@@ -34,6 +35,7 @@ class StoreSettings(BaseModel):
             dedup_ttl_ms=int(self.dedup_ttl_s * 1000),
             retention_ms=int(self.retention_s * 1000),
             claim_idle_ms=int(self.claim_idle_s * 1000),
+            claim_scan_ms=int(self.claim_scan_s * 1000),
             max_deliveries=self.max_deliveries,
             max_event_bytes=self.max_event_bytes,
         )

@@ -509,7 +509,7 @@ class StoreContract(abc.ABC):
         assert [(d.envelope.seq, d.deliveries) for d in rest] == [(4, 1), (5, 1), (6, 1)]
 
     async def test_pending_of_a_dead_consumer_is_claimed_after_idle(self) -> None:
-        store = await self.open_store()
+        store = await self.open_store(claim_scan_ms=0)
         await store.append("run-a", [step_done("run-a", n) for n in range(1, 4)])
         dead = await store.subscribe("workers", "dead")
         taken = await dead.fetch(block_ms=0)
@@ -524,8 +524,24 @@ class StoreContract(abc.ABC):
         await alive.ack(claimed)
         assert sum(i.pending for i in await store.group_info()) == 0
 
+    async def test_claims_are_looked_for_at_most_every_claim_scan_ms(self) -> None:
+        store = await self.open_store(claim_scan_ms=3_600_000)
+        await store.append("run-a", [step_done("run-a", n) for n in range(1, 4)])
+        dead = await store.subscribe("workers", "dead")
+        taken = await dead.fetch(block_ms=0)
+        alive = await store.subscribe("workers", "alive")
+        assert await alive.fetch(block_ms=0) == []
+        await self.age_pending(store, store.config.claim_idle_ms)
+        # alive looked at its first fetch, when nothing was idle; it looks again in an hour.
+        assert await alive.fetch(block_ms=0) == []
+        fresh = await store.subscribe("workers", "fresh")
+        claimed = await fresh.fetch(block_ms=0)
+        assert sorted((d.entry_id, d.deliveries) for d in claimed) == sorted(
+            (d.entry_id, 2) for d in taken
+        )
+
     async def test_touch_keeps_an_entry_from_being_claimed(self) -> None:
-        store = await self.open_store()
+        store = await self.open_store(claim_scan_ms=0)
         await store.append("run-a", [step_done("run-a", 1), step_done("run-a", 2)])
         busy = await store.subscribe("workers", "busy")
         taken = await busy.fetch(block_ms=0)
@@ -536,7 +552,7 @@ class StoreContract(abc.ABC):
         assert [d.entry_id for d in claimed] == [taken[1].entry_id]
 
     async def test_entry_never_acked_goes_to_dead_letters_after_max_deliveries(self) -> None:
-        store = await self.open_store(max_deliveries=3)
+        store = await self.open_store(max_deliveries=3, claim_scan_ms=0)
         event = step_done("run-a", 1)
         await store.append("run-a", [event])
         consumers = [await store.subscribe("workers", name) for name in ("c1", "c2")]

@@ -41,7 +41,8 @@ RUNS = ("run-a", "run-b", "run-c", "run-d")
 CONSUMERS = ("c1", "c2")
 GROUP = "workers"
 CLAIM_IDLE_MS = 60_000
-CONFIG = StoreConfig(partitions=2, claim_idle_ms=CLAIM_IDLE_MS, max_deliveries=3)
+# Both stores look for claimable entries on every fetch, so their fetches stay comparable.
+CONFIG = StoreConfig(partitions=2, claim_idle_ms=CLAIM_IDLE_MS, claim_scan_ms=0, max_deliveries=3)
 BASE_TS = 1_700_000_000_000
 
 DeliveryKey = tuple[str, int]
