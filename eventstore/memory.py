@@ -196,12 +196,15 @@ class MemorySubscription:
     def consumer(self) -> str:
         return self._consumer
 
-    async def fetch(self, max_count: int = 100, block_ms: int = 1000) -> list[Delivery]:
+    async def fetch(
+        self, max_count: int = 100, block_ms: int = 1000, *, ack: Sequence[Delivery] = ()
+    ) -> list[Delivery]:
         """At most ``max_count`` deliveries: this consumer's pending entries not yet handed out
         since it subscribed, then pending entries idle for ``claim_idle_ms`` (claimed from any
         consumer, as ``XAUTOCLAIM`` does; looked for at the first fetch and then at most every
         ``claim_scan_ms``), then new entries, fairly across partitions. Waits up to
         ``block_ms`` for an append when there is nothing; ``block_ms <= 0`` returns at once.
+        ``ack`` is acknowledged first.
 
         An entry that would be handed out more than ``max_deliveries`` times, or that cannot be
         decoded, goes to the dead letters (``deliveries`` = times it was handed out) and is
@@ -209,6 +212,7 @@ class MemorySubscription:
         """
         await anyio.lowlevel.checkpoint()
         self._check_open()
+        self._ack(ack)
         deliveries = self._collect(max_count)
         if deliveries or block_ms <= 0:
             return deliveries
@@ -224,6 +228,9 @@ class MemorySubscription:
         """Remove the entries from the group's pending entries."""
         await anyio.lowlevel.checkpoint()
         self._check_open()
+        self._ack(deliveries)
+
+    def _ack(self, deliveries: Sequence[Delivery]) -> None:
         for delivery in deliveries:
             self._groups[delivery.partition].remove(delivery.entry_id)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import anyio
@@ -91,19 +91,34 @@ class RedisSubscription:
     def consumer(self) -> str:
         return self._consumer
 
-    async def fetch(self, max_count: int = 100, block_ms: int = 1000) -> list[Delivery]:
-        """Own pending first, then claimed idle entries, then new entries (see module doc)."""
+    async def fetch(
+        self, max_count: int = 100, block_ms: int = 1000, *, ack: Sequence[Delivery] = ()
+    ) -> list[Delivery]:
+        """Own pending first, then claimed idle entries, then new entries (see module doc).
+        ``ack`` goes out first: in the same round trip as the read of new entries when there
+        is one, else on its own."""
         self._check_open()
         out: list[Delivery] = []
         while self._surplus and len(out) < max_count:
             out.append(self._surplus.popleft())
+        acks = _by_partition(ack)
         with translate_errors(self._url):
+            # Acknowledged entries must not come back as own pending or claimed entries.
+            read_first = (
+                len(out) < max_count
+                and self._own is not None
+                and not self._own
+                and not self._scan_due(peek=True)
+            )
+            if acks and not read_first:
+                await self._ack(acks)
+                acks = {}
             if len(out) < max_count:
                 await self._own_pending(max_count, out)
             if len(out) < max_count and self._scan_due():
                 await self._claim_idle(max_count, out)
             if len(out) < max_count:
-                await self._read_new(max_count, 0 if out else block_ms, out)
+                await self._read_new(max_count, 0 if out else block_ms, out, acks)
         return out
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -111,13 +126,15 @@ class RedisSubscription:
         self._check_open()
         if not deliveries:
             return
-        by_partition = _by_partition(deliveries)
+        with translate_errors(self._url):
+            await self._ack(_by_partition(deliveries))
+
+    async def _ack(self, by_partition: dict[int, list[str]]) -> None:
         args: list[Any] = [self._group]
         for ids in by_partition.values():
             args.append(len(ids))
             args.extend(ids)
-        with translate_errors(self._url):
-            await self._scripts.ack([self._feeds[p] for p in by_partition], args)
+        await self._scripts.ack([self._feeds[p] for p in by_partition], args)
 
     async def touch(self, deliveries: Sequence[Delivery]) -> None:
         """Reset the idle time of the entries (and of read-ahead ones) and own them."""
@@ -177,13 +194,15 @@ class RedisSubscription:
             starts = next_starts
         return own
 
-    def _scan_due(self) -> bool:
-        """Whether to look for claimable entries now (and, if so, note that it happened)."""
+    def _scan_due(self, *, peek: bool = False) -> bool:
+        """Whether to look for claimable entries now (and, unless ``peek``, note that it
+        happened)."""
         now = time.monotonic()
         last = self._scanned_s
         if last is not None and (now - last) * 1000 < self._config.claim_scan_ms:
             return False
-        self._scanned_s = now
+        if not peek:
+            self._scanned_s = now
         return True
 
     async def _claim_idle(self, max_count: int, out: list[Delivery]) -> None:
@@ -227,28 +246,39 @@ class RedisSubscription:
             for i in range(0, len(reply), 3):
                 await self._hand(partition, reply[i], reply[i + 1], reply[i + 2], out)
 
-    async def _read_new(self, max_count: int, block_ms: int, out: list[Delivery]) -> None:
+    async def _read_new(
+        self, max_count: int, block_ms: int, out: list[Delivery], acks: dict[int, list[str]]
+    ) -> None:
+        """XREADGROUP over every feed, preceded in the same round trip by an XACK per
+        partition of ``acks``."""
         room = max_count - len(out)
         args: list[Any] = ["XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", room]
         if block_ms > 0:
             args += ["BLOCK", block_ms]
         args += ["STREAMS", *self._feeds, *[">"] * len(self._feeds)]
-        if block_ms > 0:
-            reply = await self._blocking_read(args, block_ms)
+        client = self._blocking if block_ms > 0 else self._client
+        read: Awaitable[Any]
+        if acks:
+            pipe = client.pipeline(transaction=False)
+            for partition, ids in acks.items():
+                pipe.execute_command("XACK", self._feeds[partition], self._group, *ids)
+            pipe.execute_command(*args)
+            read = _last(pipe.execute())
         else:
-            reply = await command(self._client, *args)
+            read = command(client, *args)
+        reply = await (self._blocking_read(read, block_ms) if block_ms > 0 else read)
         for feed, entries in reply or ():
             partition = self._partition_of[feed]
             for entry_id, fields in entries:
                 target = out if len(out) < max_count else None
                 await self._hand(partition, entry_id, 1, fields, target)
 
-    async def _blocking_read(self, args: list[Any], block_ms: int) -> Any:
+    async def _blocking_read(self, read: Awaitable[Any], block_ms: int) -> Any:
         with anyio.CancelScope() as scope:
             self._read_scope = scope
             try:
                 with anyio.fail_after(block_ms / 1000 + _BLOCK_GRACE_S):
-                    return await command(self._blocking, *args)
+                    return await read
             except TimeoutError as exc:
                 raise StoreUnavailable(
                     f"redis at {self._url} did not answer a {block_ms} ms blocking read"
@@ -294,6 +324,10 @@ def _decode(payload: tuple[int, bytes] | None, where: str) -> Envelope:
         raise DecodeError(f"{where}: the entry holds no event bytes")
     seq, raw = payload
     return codec.decode(raw, seq=seq, where=where)
+
+
+async def _last(replies: Awaitable[list[Any]]) -> Any:
+    return (await replies)[-1]
 
 
 def _by_partition(deliveries: Sequence[Delivery]) -> dict[int, list[str]]:

@@ -207,11 +207,17 @@ class Subscription(Protocol):
     @property
     def consumer(self) -> str: ...
 
-    async def fetch(self, max_count: int = 100, block_ms: int = 1000) -> list[Delivery]:
+    async def fetch(
+        self, max_count: int = 100, block_ms: int = 1000, *, ack: Sequence[Delivery] = ()
+    ) -> list[Delivery]:
         """Own pending first, then claimed idle entries, then new entries (blocking).
 
         Waits up to ``block_ms`` for new entries when there is nothing to hand out;
-        ``block_ms <= 0`` returns at once.
+        ``block_ms <= 0`` returns at once. ``ack``: entries to acknowledge first, as
+        :meth:`ack` does (a consumer passes the batch it just finished; the redis backend
+        sends the acknowledgement in the same round trip as the read). They are acknowledged
+        when fetch returns (a fetch ended by :meth:`close` may leave them pending: they are
+        delivered again, as after a crash), or fetch raises ``StoreUnavailable``.
         """
         ...
 

@@ -90,12 +90,16 @@ class Checkpointer:
             async with anyio.create_task_group() as tg:
                 if self.retention_interval_s is not None:
                     tg.start_soon(self._retention_loop, self.retention_interval_s)
+                # A handled batch is acknowledged with the next fetch (one round trip).
+                handled: list[Delivery] = []
                 while not self._stop.is_set():
-                    deliveries = await subscription.fetch(self.batch, self.block_ms)
+                    deliveries = await subscription.fetch(self.batch, self.block_ms, ack=handled)
+                    handled = []
                     if deliveries:
                         await self.handle(deliveries)
-                        await subscription.ack(deliveries)
+                        handled = deliveries
                     await linger(self._stop, len(deliveries), self.batch)
+                await subscription.ack(handled)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):

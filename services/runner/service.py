@@ -147,10 +147,12 @@ class RunnerService:
         send: anyio.abc.ObjectSendStream[tuple[Subscription, Delivery]],
     ) -> None:
         async with send:
+            # Entries of no concern to this queue are acknowledged with the next fetch.
+            ignore: list[Delivery] = []
             while True:
                 want = max(1, self._idle)
-                deliveries = await subscription.fetch(want, self.block_ms)
-                ignore: list[Delivery] = []
+                deliveries = await subscription.fetch(want, self.block_ms, ack=ignore)
+                ignore = []
                 for delivery in deliveries:
                     data = delivery.envelope.data
                     if isinstance(data, StepScheduled) and data.queue == queue:
@@ -158,8 +160,6 @@ class RunnerService:
                         await send.send((subscription, delivery))
                     else:
                         ignore.append(delivery)
-                if ignore:
-                    await subscription.ack(ignore)
 
     async def _worker(
         self, receive: MemoryObjectReceiveStream[tuple[Subscription, Delivery]]

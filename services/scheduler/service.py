@@ -77,11 +77,15 @@ class SchedulerService:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._timer_loop)
+                # A handled batch is acknowledged with the next fetch (one round trip).
+                handled: list[Delivery] = []
                 while not self._stop.is_set():
-                    deliveries = await subscription.fetch(self.batch, self.block_ms)
+                    deliveries = await subscription.fetch(self.batch, self.block_ms, ack=handled)
+                    handled = []
                     if deliveries:
                         await self.handle(deliveries)
-                        await subscription.ack(deliveries)
+                        handled = deliveries
+                await subscription.ack(handled)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):

@@ -524,6 +524,29 @@ class StoreContract(abc.ABC):
         await alive.ack(claimed)
         assert sum(i.pending for i in await store.group_info()) == 0
 
+    async def test_fetch_acknowledges_the_entries_it_is_given_first(self) -> None:
+        store = await self.open_store()
+        await store.append("run-a", [step_done("run-a", n) for n in range(1, 4)])
+        consumer = await store.subscribe("workers", "c1")
+        first = await consumer.fetch(max_count=2, block_ms=0)
+        rest = await consumer.fetch(max_count=10, block_ms=0, ack=first)
+        assert [d.envelope.seq for d in rest] == [3]
+        assert sum(i.pending for i in await store.group_info()) == 1
+        await store.append("run-a", [step_done("run-a", 4)])
+        # Nothing else to hand out: the acknowledgement goes with the blocking read.
+        latest = await consumer.fetch(max_count=10, block_ms=5_000, ack=rest)
+        assert [d.envelope.seq for d in latest] == [4]
+        assert sum(i.pending for i in await store.group_info()) == 1
+
+    async def test_entries_acknowledged_by_a_fetch_are_not_claimed_by_it(self) -> None:
+        store = await self.open_store(claim_scan_ms=0)
+        await store.append("run-a", [step_done("run-a", n) for n in range(1, 4)])
+        consumer = await store.subscribe("workers", "slow")
+        taken = await consumer.fetch(block_ms=0)
+        await self.age_pending(store, store.config.claim_idle_ms)
+        assert await consumer.fetch(block_ms=0, ack=taken) == []
+        assert sum(i.pending for i in await store.group_info()) == 0
+
     async def test_claims_are_looked_for_at_most_every_claim_scan_ms(self) -> None:
         store = await self.open_store(claim_scan_ms=3_600_000)
         await store.append("run-a", [step_done("run-a", n) for n in range(1, 4)])
