@@ -102,20 +102,16 @@ class RedisSubscription:
         while self._surplus and len(out) < max_count:
             out.append(self._surplus.popleft())
         acks = _by_partition(ack)
+        scan = self._scan_due()
         with translate_errors(self._url):
             # Acknowledged entries must not come back as own pending or claimed entries.
-            read_first = (
-                len(out) < max_count
-                and self._own is not None
-                and not self._own
-                and not self._scan_due(peek=True)
-            )
-            if acks and not read_first:
+            read_first = len(out) < max_count and self._own is not None and not self._own
+            if acks and not (read_first and not scan):
                 await self._ack(acks)
                 acks = {}
             if len(out) < max_count:
                 await self._own_pending(max_count, out)
-            if len(out) < max_count and self._scan_due():
+            if len(out) < max_count and scan:
                 await self._claim_idle(max_count, out)
             if len(out) < max_count:
                 await self._read_new(max_count, 0 if out else block_ms, out, acks)
@@ -194,18 +190,13 @@ class RedisSubscription:
             starts = next_starts
         return own
 
-    def _scan_due(self, *, peek: bool = False) -> bool:
-        """Whether to look for claimable entries now (and, unless ``peek``, note that it
-        happened)."""
-        now = time.monotonic()
+    def _scan_due(self) -> bool:
+        """Whether it is time to look for claimable entries (see :meth:`_claim_idle`)."""
         last = self._scanned_s
-        if last is not None and (now - last) * 1000 < self._config.claim_scan_ms:
-            return False
-        if not peek:
-            self._scanned_s = now
-        return True
+        return last is None or (time.monotonic() - last) * 1000 >= self._config.claim_scan_ms
 
     async def _claim_idle(self, max_count: int, out: list[Delivery]) -> None:
+        self._scanned_s = time.monotonic()
         room = max_count - len(out)
         found = await self._scripts.claimable(
             self._feeds, [self._group, self._config.claim_idle_ms, room]
