@@ -95,8 +95,9 @@ class RedisSubscription:
         self, max_count: int = 100, block_ms: int = 1000, *, ack: Sequence[Delivery] = ()
     ) -> list[Delivery]:
         """Own pending first, then claimed idle entries, then new entries (see module doc).
-        ``ack`` goes out first: in the same round trip as the read of new entries when there
-        is one, else on its own."""
+        ``ack`` goes out first: in the same round trip as the read of new entries when that
+        read is the fetch's first round trip, else on its own before any redelivery or claim
+        scan."""
         self._check_open()
         out: list[Delivery] = []
         while self._surplus and len(out) < max_count:
@@ -113,7 +114,8 @@ class RedisSubscription:
                 await self._own_pending(max_count, out)
             if len(out) < max_count and scan:
                 await self._claim_idle(max_count, out)
-            if len(out) < max_count:
+            # close() may have come during an earlier round trip of this fetch: no read then.
+            if len(out) < max_count and not self._closed:
                 await self._read_new(max_count, 0 if out else block_ms, out, acks)
         return out
 

@@ -216,8 +216,8 @@ class Subscription(Protocol):
         ``block_ms <= 0`` returns at once. ``ack``: entries to acknowledge first, as
         :meth:`ack` does (a consumer passes the batch it just finished; the redis backend
         sends the acknowledgement in the same round trip as the read). They are acknowledged
-        when fetch returns (a fetch ended by :meth:`close` may leave them pending: they are
-        delivered again, as after a crash), or fetch raises ``StoreUnavailable``.
+        if fetch returns; if it raises, or :meth:`close` ends it, they may be left pending and
+        are delivered again, as after a crash.
         """
         ...
 
