@@ -21,8 +21,9 @@
 -- and, with an audit key, m = hmac_sha256_hex(key, prev m "\n" s "\n" sha256hex(e)); the head
 -- keeps the last h and m. The digests of e come from the caller, which hashes e anyway (the
 -- server hashes a short string per event, not the whole envelope); a wrong digest is
--- caught by the audit, which recomputes them from e. Feed entries carry s and e only. hmac_key and hmac_hex come from sha256.lua, included in front of this script only
--- when the store has an audit key (without one they are never called).
+-- caught by the audit, which recomputes them from e. Feed entries carry s and e only.
+-- hmac_key and hmac_hex come from sha256.lua, included in front of this script only when the
+-- store has an audit key (without one they are never called).
 
 local call = redis.call
 local FIRST = 6 -- ARGV before the first event

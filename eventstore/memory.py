@@ -285,14 +285,12 @@ class MemorySubscription:
         return out
 
     def _scan_due(self, now: int) -> bool:
-        """Whether to look for claimable entries now (and, if so, note that it happened)."""
+        """Whether it is time to look for claimable entries (see :meth:`_claim`)."""
         last = self._scanned_ms
-        if last is not None and now - last < self._store.config.claim_scan_ms:
-            return False
-        self._scanned_ms = now
-        return True
+        return last is None or now - last >= self._store.config.claim_scan_ms
 
     def _claim(self, now: int, max_count: int, out: list[Delivery]) -> None:
+        self._scanned_ms = now
         threshold = now - self._store.config.claim_idle_ms
         # Claims scan partitions in order and take the lowest entry ids first, up to the room
         # left when the scan starts (entries dead-lettered instead still use it up), exactly

@@ -105,9 +105,12 @@ class RedisSubscription:
         acks = _by_partition(ack)
         scan = self._scan_due()
         with translate_errors(self._url):
-            # Acknowledged entries must not come back as own pending or claimed entries.
-            read_first = len(out) < max_count and self._own is not None and not self._own
-            if acks and not (read_first and not scan):
+            # Acknowledged entries must not come back as own pending or claimed entries: they
+            # ride with the read only when nothing else goes to the server before it.
+            read_first = (
+                len(out) < max_count and self._own is not None and not self._own and not scan
+            )
+            if acks and not read_first:
                 await self._ack(acks)
                 acks = {}
             if len(out) < max_count:

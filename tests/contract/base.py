@@ -8,7 +8,7 @@ methods of this class, so every backend runs all of them. Each test opens its st
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
 import anyio
@@ -609,29 +609,12 @@ class StoreContract(abc.ABC):
         await subscription.ack(got)
         assert sum(i.pending for i in await store.group_info()) == 0
 
-    async def test_blocking_fetch_wakes_on_append(self) -> None:
-        store = await self.open_store()
-        subscription = await store.subscribe("workers", "c1")
-        got: list[Delivery] = []
-        fetched = anyio.Event()
-
-        async def wait_for_entries() -> None:
-            got.extend(await subscription.fetch(block_ms=60_000))
-            fetched.set()
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(wait_for_entries)
-                await anyio.wait_all_tasks_blocked()
-                assert not fetched.is_set()
-                await store.append("run-a", [step_done("run-a", 1)])
-                await fetched.wait()
-        assert [d.envelope.event_id for d in got] == ["run-a-1"]
-
-    @pytest.mark.parametrize("closing", ["store", "subscription"])
-    async def test_close_wakes_a_blocked_fetch(self, closing: str) -> None:
-        store = await self.open_store()
-        subscription = await store.subscribe("workers", "c1")
+    @staticmethod
+    async def fetch_woken_by(
+        subscription: Subscription, wake: Callable[[], Awaitable[Any]]
+    ) -> list[Delivery]:
+        """What a fetch blocked for up to a minute returns once ``wake()`` has run (it must
+        still be blocked when ``wake`` starts)."""
         got: list[list[Delivery]] = []
         fetched = anyio.Event()
 
@@ -643,9 +626,28 @@ class StoreContract(abc.ABC):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(wait_for_entries)
                 await anyio.wait_all_tasks_blocked()
-                await (store.close() if closing == "store" else subscription.close())
+                assert not fetched.is_set()
+                await wake()
                 await fetched.wait()
-        assert got == [[]]
+        [deliveries] = got
+        return deliveries
+
+    async def test_blocking_fetch_wakes_on_append(self) -> None:
+        store = await self.open_store()
+        subscription = await store.subscribe("workers", "c1")
+        got = await self.fetch_woken_by(
+            subscription, lambda: store.append("run-a", [step_done("run-a", 1)])
+        )
+        assert [d.envelope.event_id for d in got] == ["run-a-1"]
+
+    @pytest.mark.parametrize("closing", ["store", "subscription"])
+    async def test_close_wakes_a_blocked_fetch(self, closing: str) -> None:
+        store = await self.open_store()
+        subscription = await store.subscribe("workers", "c1")
+        got = await self.fetch_woken_by(
+            subscription, store.close if closing == "store" else subscription.close
+        )
+        assert got == []
         with pytest.raises(StoreClosed):
             await subscription.fetch(block_ms=0)
         await store.close()
