@@ -71,6 +71,20 @@ class Agent(Protocol):
 
 
 @runtime_checkable
+class InlineAgent(Agent, Protocol):
+    """An agent whose work is a pure, instant computation in this process (no I/O, no waiting).
+
+    The runner calls :meth:`call` as it reads the step, without a worker, a timeout or a slot,
+    and appends ``step_started`` together with the outcome in one append, as a local activity
+    is recorded. ``run`` must do the same as ``call``.
+    """
+
+    def call(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
+        """Do the work at once and return a JSON-able output, or raise :class:`AgentError`."""
+        ...
+
+
+@runtime_checkable
 class DownstreamAgent(Protocol):
     """An agent that calls a service outside the process, named per call.
 

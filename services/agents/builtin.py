@@ -11,14 +11,18 @@ from services.agents.base import AgentContext, AgentError, AgentInputError, pars
 
 
 class NoopAgent:
-    """Does nothing; returns ``None``."""
+    """Does nothing; returns ``None``. Inline (:class:`~services.agents.base.InlineAgent`)."""
 
     name = "noop"
     version = "1"
 
-    async def run(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
+    def call(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
         """Return ``None``."""
         return None
+
+    async def run(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
+        """Return ``None``."""
+        return self.call(inputs, ctx)
 
 
 class _EchoInputs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -26,14 +30,19 @@ class _EchoInputs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 class EchoAgent:
-    """Returns its ``value`` input unchanged."""
+    """Returns its ``value`` input unchanged. Inline
+    (:class:`~services.agents.base.InlineAgent`)."""
 
     name = "echo"
     version = "1"
 
-    async def run(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
+    def call(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
         """Return ``inputs["value"]``."""
         return parse_inputs(self.name, inputs, _EchoInputs).value
+
+    async def run(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
+        """Return ``inputs["value"]``."""
+        return self.call(inputs, ctx)
 
 
 class _SleepInputs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -30,6 +30,7 @@ from services.agents.base import (
     AgentContext,
     AgentError,
     DownstreamAgent,
+    InlineAgent,
     UnknownAgent,
     as_agent_error,
 )
@@ -275,6 +276,7 @@ class AgentExecutor:
         self._clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
         self._downstream: dict[str, bool] = {}
+        self._inline: dict[str, InlineAgent | None] = {}
         self._bulkheads: dict[str, Bulkhead] = {}
 
     @classmethod
@@ -309,8 +311,7 @@ class AgentExecutor:
         agent's own)."""
         started = self._clock()
         agent = self.registry.get(agent_name)
-        ttl_s = _ttl(cache_ttl_s)
-        key = cache_key(agent.name, agent.version, inputs) if ttl_s else ""
+        key = _cache_key(agent, inputs, cache_ttl_s)
         hit = self.cache.get(key) if key else None
         if hit is not None:
             return ExecutionResult(
@@ -319,8 +320,49 @@ class AgentExecutor:
         async with self._slot(agent_name):
             with self._breaker(agent, inputs).guard():
                 output = await _run_with_timeout(agent, inputs, ctx)
+        return self._done(started, key, output, cache_ttl_s)
+
+    def inline_agent(self, agent_name: str) -> InlineAgent | None:
+        """The agent called ``agent_name`` when it can run inline: it is an
+        :class:`InlineAgent` and no bulkhead limits it (a call that may have to wait for a
+        slot goes through :meth:`execute`)."""
+        if agent_name not in self._inline:
+            try:
+                agent = self.registry.get(agent_name)
+            except UnknownAgent:
+                return None
+            # isinstance on a runtime Protocol inspects the class each time: once per agent.
+            inline = isinstance(agent, InlineAgent) and self.bulkhead(agent_name) is None
+            self._inline[agent_name] = cast(InlineAgent, agent) if inline else None
+        return self._inline[agent_name]
+
+    def execute_inline(
+        self,
+        agent: InlineAgent,
+        inputs: dict[str, Any],
+        ctx: AgentContext,
+        cache_ttl_s: float | None = None,
+    ) -> ExecutionResult:
+        """:meth:`execute` for an agent from :meth:`inline_agent`, synchronously: the same
+        cache and circuit breaker; no timeout (the call is instant). The caller has checked the
+        cache (:meth:`cached`)."""
+        started = self._clock()
+        key = _cache_key(agent, inputs, cache_ttl_s)
+        with self._breaker(agent, inputs).guard():
+            try:
+                output = agent.call(inputs, ctx)
+            except AgentError:
+                raise
+            except Exception as exc:
+                raise as_agent_error(exc) from exc
+        return self._done(started, key, output, cache_ttl_s)
+
+    def _done(
+        self, started: float, key: str, output: Any, cache_ttl_s: float | None
+    ) -> ExecutionResult:
+        """The result of a call that ran: its output cached when the call is cacheable."""
         if key:
-            self.cache.put(key, output, ttl_s)
+            self.cache.put(key, output, _ttl(cache_ttl_s))
         return ExecutionResult(
             output=output, cached=False, cache_key=key, duration_ms=self._ms(started)
         )
@@ -337,7 +379,7 @@ class AgentExecutor:
             agent = self.registry.get(agent_name)
         except UnknownAgent:
             return None
-        return self.cache.get(cache_key(agent.name, agent.version, inputs))
+        return self.cache.get(_cache_key(agent, inputs, cache_ttl_s))
 
     async def aclose(self) -> None:
         """Close the agents of the registry (their HTTP clients)."""
@@ -390,6 +432,11 @@ class AgentExecutor:
 def _ttl(cache_ttl_s: float | None) -> float:
     """The time to live to cache with; 0 for "do not cache"."""
     return cache_ttl_s if cache_ttl_s is not None and cache_ttl_s > 0 else 0.0
+
+
+def _cache_key(agent: Agent, inputs: dict[str, Any], cache_ttl_s: float | None) -> str:
+    """The cache key of this call, or "" when it is not cacheable."""
+    return cache_key(agent.name, agent.version, inputs) if _ttl(cache_ttl_s) else ""
 
 
 async def _run_with_timeout(agent: Agent, inputs: dict[str, Any], ctx: AgentContext) -> Any:

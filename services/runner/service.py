@@ -2,11 +2,14 @@
 
 It reads the partition feeds as consumer group ``runner:<queue>`` (one group per queue it
 serves; any number of runner replicas share a group). For a ``step_scheduled`` event of its
-queue it appends ``step_started``, runs the agent (timeout, bulkhead, circuit breaker, result
-cache — see :mod:`services.agents.resilience`) and appends ``step_succeeded`` or
-``step_failed``; a cache hit appends ``step_cache_hit`` and runs nothing. The feed entry is
-acknowledged only after the outcome is appended, so a runner that dies mid-step leaves the
-entry pending and another runner claims it after ``claim_idle`` and runs the step again.
+queue it appends ``step_started``, runs the agent in a worker (timeout, bulkhead, circuit
+breaker, result cache — see :mod:`services.agents.resilience`) and appends ``step_succeeded`` or
+``step_failed``; a cache hit appends ``step_cache_hit`` and runs nothing. An inline agent
+(:class:`~services.agents.base.InlineAgent`: pure, instant) is called by the reader itself,
+and its ``step_started`` goes out with the outcome in one append for the whole batch, as do
+cache hits. The feed entry is acknowledged only after the outcome is appended (by a worker, or
+with the reader's next fetch), so a runner that dies mid-step leaves the entry pending and
+another runner claims it after ``claim_idle`` and runs the step again.
 
 Facts get event ids derived from the attempt (run, step, item, iteration, fallback, attempt),
 so a repeated delivery of the same attempt appends nothing new. While a step runs, its entry
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -43,7 +47,7 @@ from eventstore.store import (
     Subscription,
 )
 from services.agents.base import AgentContext, AgentError, error_info
-from services.agents.resilience import AgentExecutor
+from services.agents.resilience import AgentExecutor, CacheHit, ExecutionResult
 from services.group_commit import GroupCommit
 from services.observability.tracing import RunTracer
 from services.producer import Producer
@@ -146,20 +150,65 @@ class RunnerService:
         subscription: Subscription,
         send: anyio.abc.ObjectSendStream[tuple[Subscription, Delivery]],
     ) -> None:
-        async with send:
-            # Entries of no concern to this queue are acknowledged with the next fetch.
-            ignore: list[Delivery] = []
-            while True:
-                want = max(1, self._idle)
-                deliveries = await subscription.fetch(want, self.block_ms, ack=ignore)
-                ignore = []
-                for delivery in deliveries:
-                    data = delivery.envelope.data
-                    if isinstance(data, StepScheduled) and data.queue == queue:
-                        self._idle -= 1
-                        await send.send((subscription, delivery))
-                    else:
-                        ignore.append(delivery)
+        # Entries done here (of no concern to this queue, or run inline once their facts are
+        # appended) are acknowledged with the next fetch, in the same round trip.
+        handled: list[Delivery] = []
+        try:
+            async with send:
+                while True:
+                    deliveries = await subscription.fetch(
+                        max(1, self._idle), self.block_ms, ack=handled
+                    )
+                    handled = []
+                    facts: list[AppendRequest] = []
+                    done: list[Delivery] = []
+                    for delivery in deliveries:
+                        data = delivery.envelope.data
+                        if not isinstance(data, StepScheduled) or data.queue != queue:
+                            handled.append(delivery)
+                        elif (events := self._inline(subscription, delivery, data)) is not None:
+                            facts.append(AppendRequest(run_id=events[0].run_id, events=events))
+                            done.append(delivery)
+                        else:
+                            self._idle -= 1
+                            await send.send((subscription, delivery))
+                    if facts:
+                        with anyio.CancelScope(shield=True):
+                            await self.store.append_many(facts)
+                        handled += done
+        finally:
+            if handled:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await subscription.ack(handled)
+
+    def _inline(
+        self, subscription: Subscription, delivery: Delivery, s: StepScheduled
+    ) -> list[Envelope] | None:
+        """The facts of a step done as it is read, or None when it needs a worker: a cache hit
+        is recorded at once; an inline agent (:class:`~services.agents.base.InlineAgent`) is
+        called here, its ``step_started`` appended with the outcome (its span covers the
+        call, not the append)."""
+        hit = self.executor.cached(s.agent, s.inputs, s.cache_ttl_s)
+        if hit is not None:
+            return [self._fact(delivery, "cache_hit", _cache_hit(s, hit))]
+        agent = self.executor.inline_agent(s.agent)
+        if agent is None:
+            return None
+        run_id = delivery.envelope.run_id
+        with self.tracer.step(delivery, subscription.group):
+            started = self._fact(delivery, f"started:{delivery.deliveries}", self._started(s))
+            begun = time.perf_counter()
+            try:
+                result = self.executor.execute_inline(
+                    agent, s.inputs, AgentContext.for_step(run_id, s), s.cache_ttl_s
+                )
+            except Exception as exc:
+                outcome: StepSucceeded | StepFailed = _failed(s, exc, begun)
+            else:
+                outcome = _succeeded(s, result)
+            finished = self._fact(delivery, "finished", outcome)
+            _log_outcome(run_id, s, outcome, finished)
+        return [started, finished]
 
     async def _worker(
         self, receive: MemoryObjectReceiveStream[tuple[Subscription, Delivery]]
@@ -179,110 +228,57 @@ class RunnerService:
     async def _execute(self, job: _InFlight) -> None:
         envelope = job.delivery.envelope
         run_id = envelope.run_id
-        scheduled = envelope.data
-        assert isinstance(scheduled, StepScheduled)
-        ctx = AgentContext.for_step(run_id, scheduled)
-        s = scheduled
+        s = envelope.data
+        assert isinstance(s, StepScheduled)
         hit = self.executor.cached(s.agent, s.inputs, s.cache_ttl_s)
         if hit is not None:
-            await self._append(
-                job,
-                "cache_hit",
-                StepCacheHit(
-                    step=s.step,
-                    attempt=s.attempt,
-                    agent=s.agent,
-                    output=hit.output,
-                    cache_key=hit.key,
-                    item=s.item,
-                    iteration=s.iteration,
-                    fallback_index=s.fallback_index,
-                    idempotency_key=s.idempotency_key,
-                ),
-            )
+            await self._append(self._fact(job.delivery, "cache_hit", _cache_hit(s, hit)))
             return
-        await self._append(
-            job,
-            # A claimed re-delivery records its own start: the timeline shows the re-run.
-            f"started:{job.delivery.deliveries}",
-            StepStarted(
-                step=s.step,
-                attempt=s.attempt,
-                agent=s.agent,
-                runner=self.producer.name,
-                item=s.item,
-                iteration=s.iteration,
-                fallback_index=s.fallback_index,
-                idempotency_key=s.idempotency_key,
-            ),
-        )
-        started = time.perf_counter()
+        # A claimed re-delivery records its own start: the timeline shows the re-run.
+        what = f"started:{job.delivery.deliveries}"
+        await self._append(self._fact(job.delivery, what, self._started(s)))
+        begun = time.perf_counter()
         outcome: StepSucceeded | StepFailed
         with job.scope:
             try:
-                result = await self.executor.execute(s.agent, s.inputs, ctx, s.cache_ttl_s)
+                result = await self.executor.execute(
+                    s.agent, s.inputs, AgentContext.for_step(run_id, s), s.cache_ttl_s
+                )
             except Exception as exc:
                 if not isinstance(exc, AgentError):
                     log.exception("agent raised", extra={"run_id": run_id, "step": s.step})
-                outcome = StepFailed(
-                    step=s.step,
-                    attempt=s.attempt,
-                    agent=s.agent,
-                    error=error_info(exc),
-                    duration_ms=(time.perf_counter() - started) * 1000,
-                    item=s.item,
-                    iteration=s.iteration,
-                    fallback_index=s.fallback_index,
-                    idempotency_key=s.idempotency_key,
-                )
+                outcome = _failed(s, exc, begun)
             else:
-                outcome = StepSucceeded(
-                    step=s.step,
-                    attempt=s.attempt,
-                    agent=s.agent,
-                    output=result.output,
-                    duration_ms=result.duration_ms,
-                    item=s.item,
-                    iteration=s.iteration,
-                    fallback_index=s.fallback_index,
-                    cached=result.cached,
-                    idempotency_key=s.idempotency_key,
-                )
+                outcome = _succeeded(s, result)
         if job.scope.cancelled_caught:
-            log.info("step cancelled: run ended", extra={"run_id": run_id, "step": scheduled.step})
+            log.info("step cancelled: run ended", extra={"run_id": run_id, "step": s.step})
             return
-        event = await self._append(job, "finished", outcome)
-        log.info(
-            "step %s",
-            "succeeded" if isinstance(outcome, StepSucceeded) else "failed",
-            extra={
-                "run_id": run_id,
-                "step": s.step,
-                "attempt": s.attempt,
-                "agent": s.agent,
-                "event_id": event.event_id,
-                "duration_ms": round(outcome.duration_ms, 3),
-                **({"error": outcome.error.type} if isinstance(outcome, StepFailed) else {}),
-            },
-        )
+        event = self._fact(job.delivery, "finished", outcome)
+        await self._append(event)
+        _log_outcome(run_id, s, outcome, event)
 
-    async def _append(
+    def _started(self, s: StepScheduled) -> StepStarted:
+        return StepStarted(**_attempt(s), runner=self.producer.name)
+
+    def _fact(
         self,
-        job: _InFlight,
+        delivery: Delivery,
         what: str,
         data: StepStarted | StepSucceeded | StepFailed | StepCacheHit,
     ) -> Envelope:
-        envelope = job.delivery.envelope
+        """The envelope of a fact about the attempt ``delivery`` schedules."""
+        envelope = delivery.envelope
         assert isinstance(envelope.data, StepScheduled)
-        event = self.producer.envelope(
+        return self.producer.envelope(
             envelope.run_id,
             data,
             event_id=attempt_id(envelope.run_id, envelope.data, what),
             causation_id=envelope.event_id,
             traceparent=self.tracer.fact_traceparent(data, envelope.traceparent),
         )
-        await self._appends.submit(AppendRequest(run_id=envelope.run_id, events=[event]))
-        return event
+
+    async def _append(self, event: Envelope) -> None:
+        await self._appends.submit(AppendRequest(run_id=event.run_id, events=[event]))
 
     def _ack_commit(self, subscription: Subscription) -> GroupCommit[Delivery, None]:
         async def ack(deliveries: Sequence[Delivery]) -> list[None]:
@@ -309,3 +305,49 @@ class RunnerService:
                 head = await self.store.head(job.delivery.envelope.run_id)
                 if head is None or head.status in TERMINAL_STATUSES:
                     job.scope.cancel()
+
+
+def _attempt(s: StepScheduled) -> dict[str, Any]:
+    """The fields naming the attempt ``s`` schedules, shared by every fact about it."""
+    return {
+        "step": s.step,
+        "attempt": s.attempt,
+        "agent": s.agent,
+        "item": s.item,
+        "iteration": s.iteration,
+        "fallback_index": s.fallback_index,
+        "idempotency_key": s.idempotency_key,
+    }
+
+
+def _cache_hit(s: StepScheduled, hit: CacheHit) -> StepCacheHit:
+    return StepCacheHit(**_attempt(s), output=hit.output, cache_key=hit.key)
+
+
+def _succeeded(s: StepScheduled, result: ExecutionResult) -> StepSucceeded:
+    return StepSucceeded(
+        **_attempt(s), output=result.output, duration_ms=result.duration_ms, cached=result.cached
+    )
+
+
+def _failed(s: StepScheduled, exc: Exception, begun: float) -> StepFailed:
+    duration_ms = (time.perf_counter() - begun) * 1000
+    return StepFailed(**_attempt(s), error=error_info(exc), duration_ms=duration_ms)
+
+
+def _log_outcome(
+    run_id: str, s: StepScheduled, outcome: StepSucceeded | StepFailed, event: Envelope
+) -> None:
+    log.info(
+        "step %s",
+        "succeeded" if isinstance(outcome, StepSucceeded) else "failed",
+        extra={
+            "run_id": run_id,
+            "step": s.step,
+            "attempt": s.attempt,
+            "agent": s.agent,
+            "event_id": event.event_id,
+            "duration_ms": round(outcome.duration_ms, 3),
+            **({"error": outcome.error.type} if isinstance(outcome, StepFailed) else {}),
+        },
+    )

@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from services.agents.base import AgentContext, AgentError, UnknownAgent
-from services.agents.builtin import EchoAgent, SleepAgent
+from services.agents.builtin import EchoAgent, NoopAgent, SleepAgent
 from services.agents.registry import AgentRegistry
 from services.agents.resilience import (
     AgentExecutor,
@@ -472,3 +472,73 @@ async def test_executor_from_runner_settings() -> None:
         assert "shell" in executor.registry.names()
     finally:
         await executor.aclose()
+
+
+# --- inline calls ------------------------------------------------------------------------------
+
+
+class CountingInlineAgent(CountingAgent):
+    """:class:`CountingAgent` that may run inline (``call`` does the work)."""
+
+    name = "counting-inline"
+
+    def call(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
+        self.calls += 1
+        if self.failure is not None:
+            raise self.failure
+        return {"call": self.calls, "inputs": inputs}
+
+    async def run(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
+        return self.call(inputs, ctx)
+
+
+def test_only_inline_agents_without_a_bulkhead_run_inline() -> None:
+    inline = CountingInlineAgent()
+    executor = AgentExecutor(
+        AgentRegistry([inline, CountingAgent(), EchoAgent(), NoopAgent(), SleepAgent()]),
+        bulkhead_settings=BulkheadSettings(max_concurrent={"echo": 2}),
+    )
+    assert executor.inline_agent("counting-inline") is inline
+    noop = executor.inline_agent("noop")
+    assert noop is not None
+    assert noop.name == "noop"
+    assert executor.inline_agent("echo") is None  # it may have to wait for a bulkhead slot
+    assert executor.inline_agent("counting") is None
+    assert executor.inline_agent("sleep") is None
+    assert executor.inline_agent("no-such-agent") is None
+
+
+def test_an_inline_call_is_cached_like_an_executed_one() -> None:
+    clock = FakeClock()
+    agent = CountingInlineAgent()
+    executor = AgentExecutor(AgentRegistry([agent]), clock=clock)
+    result = executor.execute_inline(agent, {"q": 1}, CTX, cache_ttl_s=60)
+    assert (result.output["call"], result.cached) == (1, False)
+    assert result.cache_key == cache_key("counting-inline", "1", {"q": 1})
+    hit = executor.cached("counting-inline", {"q": 1}, 60)
+    assert hit is not None
+    assert hit.output == result.output
+    uncached = executor.execute_inline(agent, {"q": 2}, CTX)
+    assert (uncached.output["call"], uncached.cache_key) == (2, "")
+
+
+def test_inline_failures_are_agent_errors_and_count_on_the_breaker() -> None:
+    clock = FakeClock()
+    agent = CountingInlineAgent()
+    executor = AgentExecutor(
+        AgentRegistry([agent]),
+        BreakerSettings(failure_threshold=2, reset_timeout_s=30),
+        clock=clock,
+    )
+    agent.failure = KeyError("customer")
+    for _ in range(2):
+        with pytest.raises(AgentError) as caught:
+            executor.execute_inline(agent, {}, CTX, cache_ttl_s=60)
+        assert (caught.value.error_type, caught.value.retryable) == ("KeyError", True)
+    assert executor.cached("counting-inline", {}, 60) is None
+    with pytest.raises(CircuitOpen):
+        executor.execute_inline(agent, {}, CTX)
+    assert agent.calls == 2
+    with pytest.raises(AgentError) as bad:
+        executor.execute_inline(EchoAgent(), {"valu": 1}, CTX)
+    assert (bad.value.error_type, bad.value.retryable) == ("AgentInputError", False)

@@ -1,0 +1,113 @@
+"""The agent runner against the memory store: inline agents and cache hits are done as the
+step is read (start and outcome in one append, the entry acknowledged with the next fetch);
+other agents go through a worker, which appends the start before the agent runs."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from eventstore.events import Envelope, StepCacheHit, StepFailed, StepStarted, StepSucceeded
+from eventstore.memory import MemoryStore
+from services import commands
+from services.app import running
+from services.producer import Producer
+from services.runner.service import group_for
+from services.settings import Settings
+from services.workflow.loader import parse_definition
+
+pytestmark = pytest.mark.anyio
+
+DEFINITION = parse_definition(
+    """\
+name: mixed
+steps:
+  - {id: first, agent: echo, with: {value: 1}, cache_ttl: 60}
+  - {id: again, agent: echo, with: {value: 1}, cache_ttl: 60, depends_on: [first]}
+  - {id: waits, agent: sleep, with: {seconds: 0}, depends_on: [again]}
+  - {id: bad, agent: echo, with: {valu: 2}, depends_on: [waits], critical: false}
+"""
+)
+
+
+def _facts(history: list[Envelope], step: str) -> list[Envelope]:
+    return [
+        e
+        for e in history
+        if isinstance(e.data, StepStarted | StepSucceeded | StepFailed | StepCacheHit)
+        and e.data.step == step
+    ]
+
+
+async def test_inline_steps_append_start_and_outcome_together() -> None:
+    store = MemoryStore()
+    settings = Settings(redis_url=None, http_port=0)
+    async with running(store, settings, ("scheduler", "runner")):
+        run = await commands.submit(store, Producer("test"), DEFINITION)
+        state = await commands.wait(store, run.run_id, timeout_s=30)
+    assert state.status == "completed"
+    assert state.degraded
+    history = [e async for e in store.read_run(run.run_id)]
+
+    first = _facts(history, "first")
+    assert [e.type for e in first] == ["step_started", "step_succeeded"]
+    assert first[1].seq == first[0].seq + 1
+    assert state.steps["first"].output == 1
+    # The same inputs within the cache TTL: a cache hit, nothing run, nothing started.
+    assert [e.type for e in _facts(history, "again")] == ["step_cache_hit"]
+    assert state.steps["again"].cached
+    # A non-inline agent: its start is appended on its own, before the agent runs.
+    assert [e.type for e in _facts(history, "waits")] == ["step_started", "step_succeeded"]
+    # An inline agent's failure is recorded like any other: a non-retryable input error.
+    bad = _facts(history, "bad")
+    assert [e.type for e in bad] == ["step_started", "step_failed"]
+    assert bad[1].seq == bad[0].seq + 1
+    assert isinstance(bad[1].data, StepFailed)
+    assert bad[1].data.error.type == "AgentInputError"
+    assert state.steps["bad"].status == "skipped"
+
+    # Every entry the runner read was acknowledged once it stopped.
+    infos = [i for i in await store.group_info() if i.group == group_for("default")]
+    assert infos
+    assert all(i.pending == 0 for i in infos)
+
+
+async def _started(store: MemoryStore, step: str) -> None:
+    """Return once the feed shows ``step`` started."""
+    watcher = await store.subscribe("watcher", "test")
+    with anyio.fail_after(30):
+        while not any(
+            isinstance(d.envelope.data, StepStarted) and d.envelope.data.step == step
+            for d in await watcher.fetch(100, block_ms=1000)
+        ):
+            pass
+    await watcher.close()
+
+
+async def _step_status(store: MemoryStore, run_id: str, step: str) -> str:
+    found = (await commands.load_run(store, run_id)).steps.get(step)
+    return found.status if found is not None else ""
+
+
+async def test_inline_steps_do_not_wait_for_a_worker() -> None:
+    store = MemoryStore()
+    settings = Settings.model_validate(
+        {"redis_url": None, "http_port": 0, "runner": {"concurrency": 1, "heartbeat_s": 0.1}}
+    )
+    producer = Producer("test")
+    long = parse_definition(
+        "name: long\nsteps:\n  - {id: nap, agent: sleep, with: {seconds: 600}}\n"
+    )
+    quick = parse_definition("name: quick\nsteps:\n  - {id: now, agent: echo, with: {value: 7}}\n")
+    async with running(store, settings, ("scheduler", "runner")):
+        busy = await commands.submit(store, producer, long)
+        # The only worker is taken once the long step has started.
+        await _started(store, "nap")
+        done = await commands.wait(
+            store, (await commands.submit(store, producer, quick)).run_id, timeout_s=30
+        )
+        assert done.steps["now"].output == 7
+        assert await _step_status(store, busy.run_id, "nap") == "running"
+        await commands.cancel(store, producer, busy.run_id)
+        cancelled = await commands.wait(store, busy.run_id, timeout_s=30)
+    assert cancelled.status == "cancelled"
