@@ -2,9 +2,12 @@
 
 Every entry of a run stream carries ``h = sha1hex(prev_h "\\n" s "\\n" sha1hex(e))`` (see
 :func:`eventstore.codec.chain_hash`): it detects accidents and any edit by someone who does not
-recompute the chain. With an audit key configured (``FLOWLOG_AUDIT_KEY``) each entry also
-carries ``m = hmac_sha256_hex(key, prev_m "\\n" s "\\n" sha256hex(e))``, chained per run like
-``h``, the last one kept in the run's head. ``prev_h`` is "" before seq 1, ``prev_m`` "" before
+recompute the chain. Earlier builds hashed the envelope itself (``sha1hex(prev_h "\\n" s "\\n"
+e)``); a run they wrote and this build continued carries that older hash on a prefix of its
+entries, so verification accepts it up to the first entry with the current hash, never after.
+With an audit key configured (``FLOWLOG_AUDIT_KEY``) each entry also carries
+``m = hmac_sha256_hex(key, prev_m "\\n" s "\\n" sha256hex(e))``, chained per run like ``h``,
+the last one kept in the run's head. ``prev_h`` is "" before seq 1, ``prev_m`` "" before
 the first keyed entry. The append script computes both atomically with the seq (one round trip;
 the client sends ``sha1hex(e)``, ``sha256hex(e)`` and the key as script arguments; verification
 recomputes both digests from the stored ``e``, so a wrong one is caught like an edit). With a
@@ -68,6 +71,12 @@ class Anchor(msgspec.Struct, frozen=True, kw_only=True):
     mac: str = ""
 
 
+def legacy_chain_hash(previous: str, seq: int, raw: bytes) -> str:
+    """The chain hash of earlier builds, over the envelope bytes themselves:
+    ``sha1_hex(previous "\\n" seq "\\n" raw)``."""
+    return hashlib.sha1(b"%s\n%d\n%s" % (previous.encode(), seq, raw)).hexdigest()
+
+
 def content_digest(raw: bytes) -> str:
     """``sha256hex`` of an entry's envelope bytes (what the MAC covers of the content)."""
     return hashlib.sha256(raw).hexdigest()
@@ -89,6 +98,8 @@ class _Verifier:
         self.head_seq = head_seq
         self.findings: list[Finding] = []
         self.present = Counter(record.seq for record in records)
+        # Entries may carry the older hash until the first one with the current hash.
+        self.legacy = True
 
     def add(self, seq: int, kind: Kind, detail: str) -> None:
         self.findings.append(Finding(run_id=self.run_id, seq=seq, kind=kind, detail=detail))
@@ -99,7 +110,9 @@ class _Verifier:
         prev_mac = previous.mac if previous is not None else ""
         found = []
         expected = chain_hash(prev_hash, record.seq, record.raw)
-        if record.hash != expected:
+        if record.hash != expected and not (
+            self.legacy and record.hash == legacy_chain_hash(prev_hash, record.seq, record.raw)
+        ):
             found.append(f"hash {record.hash or '(none)'} != expected {expected}")
         if self.key:
             if not record.mac:
@@ -133,6 +146,9 @@ class _Verifier:
                 continue
             problems = self.problems(record, previous)
             if not problems:
+                if self.legacy:
+                    prev_hash = previous.hash if previous is not None else ""
+                    self.legacy = record.hash != chain_hash(prev_hash, record.seq, record.raw)
                 previous = record
                 continue
             if self._intruder(index, previous):

@@ -111,3 +111,44 @@ def test_without_a_key_only_the_hash_chain_is_checked() -> None:
     records = chain(3, key=b"")
     assert verify_run("r", records, head_of(records)) == []
     assert [f.kind for f in verify_run("r", records, head_of(records), key=KEY)] == ["modified"] * 3
+
+
+def legacy_then_current(legacy: int, current: int) -> list[Record]:
+    """A history whose first ``legacy`` entries carry the earlier builds' hash (over the
+    envelope bytes) and whose next ``current`` entries continue it with today's."""
+    records: list[Record] = []
+    h = ""
+    for seq in range(1, legacy + current + 1):
+        raw = b"event %d" % seq
+        if seq <= legacy:
+            h = hashlib.sha1(b"%s\n%d\n%s" % (h.encode(), seq, raw)).hexdigest()
+        else:
+            h = codec.chain_hash(h, seq, raw)
+        records.append(Record(seq=seq, entry_id=f"{seq}-0", raw=raw, hash=h))
+    return records
+
+
+def test_a_history_begun_by_an_earlier_build_verifies() -> None:
+    for legacy, current in ((3, 0), (3, 2), (0, 4)):
+        records = legacy_then_current(legacy, current)
+        assert verify_run("r", records, head_of(records)) == []
+
+
+def test_the_earlier_hash_is_not_accepted_after_the_current_one() -> None:
+    records = legacy_then_current(2, 2)
+    h = records[1].hash
+    tail = []
+    for seq in (5, 6):
+        raw = b"event %d" % seq
+        h = hashlib.sha1(b"%s\n%d\n%s" % (h.encode(), seq, raw)).hexdigest()
+        tail.append(Record(seq=seq, entry_id=f"{seq}-0", raw=raw, hash=h))
+    found = verify_run("r", records + tail, head_of(records + tail))
+    assert [(f.seq, f.kind) for f in found] == [(5, "modified"), (6, "modified")]
+
+
+def test_an_edited_entry_under_the_earlier_hash_is_caught() -> None:
+    records = legacy_then_current(3, 2)
+    records[1] = msgspec.structs.replace(records[1], raw=b"changed")
+    assert [(f.seq, f.kind) for f in verify_run("r", records, head_of(records))] == [
+        (2, "modified")
+    ]
