@@ -186,16 +186,17 @@ class RunnerService:
     ) -> list[Envelope] | None:
         """The facts of a step done as it is read, or None when it needs a worker: a cache hit
         is recorded at once; an inline agent (:class:`~services.agents.base.InlineAgent`) is
-        called here, its ``step_started`` appended with the outcome (its span covers the
-        call, not the append)."""
+        called here, its ``step_started`` appended with the outcome. The step's span covers
+        the lookup or the call, not the append."""
         hit = self.executor.cached(s.agent, s.inputs, s.cache_ttl_s)
-        if hit is not None:
-            return [self._fact(delivery, "cache_hit", _cache_hit(s, hit))]
-        agent = self.executor.inline_agent(s.agent)
-        if agent is None:
+        agent = self.executor.inline_agent(s.agent) if hit is None else None
+        if hit is None and agent is None:
             return None
         run_id = delivery.envelope.run_id
         with self.tracer.step(delivery, subscription.group):
+            if hit is not None:
+                return [self._fact(delivery, "cache_hit", _cache_hit(s, hit))]
+            assert agent is not None
             started = self._fact(delivery, f"started:{delivery.deliveries}", self._started(s))
             begun = time.perf_counter()
             try:
