@@ -75,6 +75,7 @@ def build_services(
                     consumer=instance,
                     every=settings.checkpoint.every_events,
                     level_min_events=settings.checkpoint.level_min_events,
+                    interval_s=settings.checkpoint.interval_s,
                     retention_interval_s=settings.checkpoint.retention_interval_s or None,
                     archive_dir=settings.checkpoint.archive_dir,
                 )

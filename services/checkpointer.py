@@ -11,6 +11,13 @@ Each snapshot is recorded in the log as a ``checkpoint_taken`` event (seq covere
 key), appended as a fact with an id derived from (run, seq), so a repeated delivery records
 nothing twice.
 
+Due snapshots are written together at most every ``interval_s`` (default 1 s; 0: as soon as a
+batch makes them due), as a stream processor commits on an interval: a run due again within
+the interval gets one snapshot of its latest state, which covers every level completed
+meanwhile (a chain's steps, at load, would otherwise cost a snapshot and an event each). The
+entries that made snapshots due are acknowledged only after those snapshots are written, and
+a stopping checkpointer writes what is due first, so none is skipped by a restart.
+
 Every ``retention_interval_s`` (None: never) it also runs feed retention
 (:func:`services.retention.run_retention`: archive what is about to go to gzipped JSON lines
 in ``archive_dir`` when one is set, then trim below ``now - retention``, never past what a
@@ -29,7 +36,7 @@ from anyio.abc import TaskStatus
 from eventstore.errors import StoreUnavailable
 from eventstore.events import CheckpointTaken, Envelope
 from eventstore.ids import derived_event_id
-from eventstore.store import TERMINAL_STATUSES, AppendRequest, Delivery, EventStore
+from eventstore.store import TERMINAL_STATUSES, AppendRequest, Delivery, EventStore, Subscription
 from projections.run_state import STEP_FINAL, RunState
 from services.linger import linger
 from services.observability.prometheus import ProcessMetrics
@@ -61,6 +68,7 @@ class Checkpointer:
         archive_dir: Path | None = None,
         metrics: ProcessMetrics | None = None,
         clock_ms: Callable[[], int] = now_ms,
+        interval_s: float = 1.0,
     ) -> None:
         self.store = store
         self.producer = producer
@@ -73,6 +81,9 @@ class Checkpointer:
         self.archive_dir = archive_dir
         self.metrics = metrics
         self.clock_ms = clock_ms
+        self.interval_s = interval_s
+        self.handled_entries = 0
+        self._progress = anyio.Event()
         self.loader = RunLoader(store)
         self.snapshots = 0
         self.retention_passes = 0
@@ -90,20 +101,48 @@ class Checkpointer:
             async with anyio.create_task_group() as tg:
                 if self.retention_interval_s is not None:
                     tg.start_soon(self._retention_loop, self.retention_interval_s)
-                # A handled batch is acknowledged with the next fetch (one round trip).
-                handled: list[Delivery] = []
-                while not self._stop.is_set():
-                    deliveries = await subscription.fetch(self.batch, self.block_ms, ack=handled)
-                    handled = []
-                    if deliveries:
-                        await self.handle(deliveries)
-                        handled = deliveries
-                    await linger(self._stop, len(deliveries), self.batch)
-                await subscription.ack(handled)
+                await self._consume(subscription)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await subscription.close()
+
+    async def _consume(self, subscription: Subscription) -> None:
+        """Fold the feed, writing due snapshots every ``interval_s`` (see the module docs)."""
+        # Entries are acknowledged with the next fetch (one round trip); entries handled while
+        # snapshots are due are held until those are written.
+        handled: list[Delivery] = []
+        held: list[Delivery] = []
+        due: dict[str, RunState] = {}
+        write_at = 0.0
+        while not self._stop.is_set():
+            block_ms = self.block_ms
+            if due:
+                left_ms = round((write_at - anyio.current_time()) * 1000)
+                block_ms = max(0, min(block_ms, left_ms))
+            deliveries = await subscription.fetch(self.batch, block_ms, ack=handled)
+            handled = []
+            if deliveries:
+                self.handled_entries += len(deliveries)
+                if not due:
+                    write_at = anyio.current_time() + self.interval_s
+                due.update((state.run_id, state) for state in await self.due_states(deliveries))
+                held += deliveries
+            if due and anyio.current_time() >= write_at:
+                await self.checkpoint(*due.values())
+                due = {}
+            if not due:
+                handled, held = held, []
+            self._progress.set()
+            self._progress = anyio.Event()
+            await linger(self._stop, len(deliveries), self.batch)
+        await self.checkpoint(*due.values())
+        await subscription.ack(handled + held)
+
+    async def wait_handled(self, count: int) -> None:
+        """Wait until at least ``count`` feed entries have been handled."""
+        while self.handled_entries < count:
+            await self._progress.wait()
 
     async def retention(self) -> RetentionReport:
         """One feed retention pass at the clock's current time."""
@@ -133,13 +172,22 @@ class Checkpointer:
                 log.warning("feed retention skipped: %s", exc)
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        """Fold ``deliveries`` in and snapshot the runs they make due, at once."""
+        await self.checkpoint(*await self.due_states(deliveries))
+
+    async def due_states(self, deliveries: Sequence[Delivery]) -> list[RunState]:
+        """Fold ``deliveries`` in; the states of the runs they make due for a snapshot."""
         by_run: dict[str, list[Envelope]] = {}
         for delivery in deliveries:
             by_run.setdefault(delivery.envelope.run_id, []).append(delivery.envelope)
         due_states: list[RunState] = []
         for run_id, events in by_run.items():
+            if not self.loader.cached(run_id) and all(e.type == _CHECKPOINT for e in events):
+                # Checkpoints make nothing due: a run not in hand (one that ended and was
+                # forgotten, mostly) is not loaded just to fold its latest checkpoint in.
+                continue
             due = any(
-                e.type in _ENDING or (e.seq % self.every == 0 and e.type != "checkpoint_taken")
+                e.type in _ENDING or (e.seq % self.every == 0 and e.type != _CHECKPOINT)
                 for e in events
             )
             state = await self.loader.advance(run_id, events)
@@ -150,7 +198,7 @@ class Checkpointer:
             )
             if state is not None and (due or level_due):
                 due_states.append(state)
-        await self.checkpoint(*due_states)
+        return due_states
 
     def level_completed(self, state: RunState, events: Sequence[Envelope]) -> bool:
         """Whether one of ``events`` settled a step whose whole execution level is now final."""
@@ -205,5 +253,6 @@ class Checkpointer:
 
 
 _ENDING = frozenset({"run_completed", "run_failed", "run_cancelled"})
+_CHECKPOINT = "checkpoint_taken"
 #: Event types after which a step may have settled.
 _SETTLING = frozenset({"step_succeeded", "step_cache_hit", "loop_completed", "step_skipped"})

@@ -68,6 +68,10 @@ class RunLoader:
             evicted, _ = self._states.popitem(last=False)
             self._holes.pop(evicted, None)
 
+    def cached(self, run_id: str) -> bool:
+        """Whether the run's state is in the cache."""
+        return run_id in self._states
+
     def forget(self, run_id: str) -> None:
         self._states.pop(run_id, None)
         self._holes.pop(run_id, None)

@@ -41,7 +41,7 @@ from projections.run_state import STATE_VERSION, TERMINAL, RunState, evolve
 from services.checkpointer import Checkpointer
 from services.observability.prometheus import ProcessMetrics
 from services.producer import Producer
-from services.runs import RunLoader, snapshot_of
+from services.runs import RunLoader, snapshot_of, state_from_snapshot
 from services.scheduler.decide import decide
 from services.workflow.loader import execution_levels, load_definition, parse_definition
 from services.workflow.model import WorkflowDef
@@ -366,6 +366,54 @@ async def test_checkpointer_snapshots_at_level_boundaries_every_n_and_at_the_end
         assert stored[taken[-1] - 1].type == "run_completed"
     finally:
         await store.close()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("interval_s", [0, 3600])
+async def test_due_snapshots_are_written_every_interval_covering_every_level_since(
+    redis_store: RedisStore, interval_s: float
+) -> None:
+    definition = parse_definition(DIAMOND)
+    history = simulate(definition, "run-i", always(), 500)
+    await append_all(redis_store, "run-i", history)
+    checkpointer = Checkpointer(
+        redis_store,
+        Producer("checkpointer"),
+        consumer="c1",
+        retention_interval_s=None,
+        interval_s=interval_s,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(checkpointer.run)
+        with anyio.fail_after(30):
+            await checkpointer.wait_handled(len(history))
+        snap = await redis_store.get_snapshot("run-i")
+        if interval_s:
+            # Every level has completed, but the interval has not passed: nothing is written
+            # yet, and the entries that made the snapshot due are not acknowledged.
+            assert snap is None
+            infos = await redis_store.group_info()
+            assert sum(i.pending for i in infos if i.group == "checkpointer") == len(history)
+        else:
+            assert snap is not None
+            # Its checkpoint comes back through the feed once the run has ended and been
+            # forgotten: nothing is loaded to fold it in.
+            with anyio.fail_after(30):
+                await checkpointer.wait_handled(len(history) + 1)
+            assert checkpointer.loader.events_read == 0
+        checkpointer.stop()
+    # One snapshot of the run's final state covers all its levels; stopping wrote it and
+    # acknowledged everything.
+    snap = await redis_store.get_snapshot("run-i")
+    assert snap is not None
+    assert snap.seq == len(history)
+    assert state_from_snapshot(snap) == replay(history)
+    recorded = [e async for e in redis_store.read_run("run-i", after_seq=len(history))]
+    assert [e.data for e in recorded] == [
+        CheckpointTaken(covered_seq=len(history), snapshot_key="snap:run-i")
+    ]
+    infos = await redis_store.group_info()
+    assert all(i.pending == 0 for i in infos if i.group == "checkpointer")
 
 
 def archived_events(folder: Path) -> list[Envelope]:
