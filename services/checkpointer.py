@@ -11,12 +11,13 @@ Each snapshot is recorded in the log as a ``checkpoint_taken`` event (seq covere
 key), appended as a fact with an id derived from (run, seq), so a repeated delivery records
 nothing twice.
 
-Due snapshots are written together at most every ``interval_s`` (default 1 s; 0: as soon as a
-batch makes them due), as a stream processor commits on an interval: a run due again within
-the interval gets one snapshot of its latest state, which covers every level completed
-meanwhile (a chain's steps, at load, would otherwise cost a snapshot and an event each). The
-entries that made snapshots due are acknowledged only after those snapshots are written, and
-a stopping checkpointer writes what is due first, so none is skipped by a restart.
+A due snapshot is written about ``interval_s`` after its run became due (default 1 s; 0: as
+soon as a batch makes it due), of the run's latest state then, as a stream processor commits
+on an interval: it covers every level completed meanwhile (a chain's steps would otherwise
+cost a snapshot and an event each). Writes go out in a few rounds per interval as runs come
+due, not in one burst. A due run's feed entries are acknowledged only after its snapshot is
+written, and a stopping checkpointer writes what is due first, so none is skipped by a
+restart.
 
 Every ``retention_interval_s`` (None: never) it also runs feed retention
 (:func:`services.retention.run_retention`: archive what is about to go to gzipped JSON lines
@@ -49,6 +50,9 @@ from services.workflow.loader import execution_levels
 log = logging.getLogger("flowlog.checkpointer")
 
 GROUP = "checkpointer"
+#: A write round also takes the runs due within this share of the interval, so due snapshots
+#: go out in a few rounds per interval, not one round trip per run.
+WRITE_SLACK = 0.25
 
 
 class Checkpointer:
@@ -108,36 +112,51 @@ class Checkpointer:
                 await subscription.close()
 
     async def _consume(self, subscription: Subscription) -> None:
-        """Fold the feed, writing due snapshots every ``interval_s`` (see the module docs)."""
-        # Entries are acknowledged with the next fetch (one round trip); entries handled while
-        # snapshots are due are held until those are written.
+        """Fold the feed, writing each due snapshot ``interval_s`` after its run became due
+        (see the module docs)."""
+        # Entries are acknowledged with the next fetch (one round trip); a due run's entries
+        # are held until its snapshot is written.
         handled: list[Delivery] = []
-        held: list[Delivery] = []
-        due: dict[str, RunState] = {}
-        write_at = 0.0
+        due: dict[str, _Due] = {}
         while not self._stop.is_set():
             block_ms = self.block_ms
             if due:
-                left_ms = round((write_at - anyio.current_time()) * 1000)
-                block_ms = max(0, min(block_ms, left_ms))
+                # Runs became due in order: the first one is the first to write.
+                first = next(iter(due.values())).write_at
+                block_ms = max(0, min(block_ms, round((first - anyio.current_time()) * 1000)))
             deliveries = await subscription.fetch(self.batch, block_ms, ack=handled)
             handled = []
+            now = anyio.current_time()
             if deliveries:
                 self.handled_entries += len(deliveries)
-                if not due:
-                    write_at = anyio.current_time() + self.interval_s
-                due.update((state.run_id, state) for state in await self.due_states(deliveries))
-                held += deliveries
-            if due and anyio.current_time() >= write_at:
-                await self.checkpoint(*due.values())
-                due = {}
-            if not due:
-                handled, held = held, []
+                for state in await self.due_states(deliveries):
+                    found = due.get(state.run_id)
+                    if found is None:
+                        due[state.run_id] = _Due(now + self.interval_s, state)
+                    else:
+                        found.state = state
+                for delivery in deliveries:
+                    held = due.get(delivery.envelope.run_id)
+                    if held is None:
+                        handled.append(delivery)
+                    else:
+                        held.deliveries.append(delivery)
+            ready = _ready(due, now, self.interval_s * WRITE_SLACK)
+            if ready:
+                handled += await self._write(ready, due)
             self._progress.set()
             self._progress = anyio.Event()
             await linger(self._stop, len(deliveries), self.batch)
-        await self.checkpoint(*due.values())
-        await subscription.ack(handled + held)
+        handled += await self._write(list(due), due)
+        await subscription.ack(handled)
+
+    async def _write(self, run_ids: list[str], due: dict[str, _Due]) -> list[Delivery]:
+        """Snapshot the latest state of each due run of ``run_ids``; their held entries."""
+        # The loader's state has every event folded since; the due one if it was evicted.
+        await self.checkpoint(
+            *(self.loader.cached(run_id) or due[run_id].state for run_id in run_ids)
+        )
+        return [delivery for run_id in run_ids for delivery in due.pop(run_id).deliveries]
 
     async def wait_handled(self, count: int) -> None:
         """Wait until at least ``count`` feed entries have been handled."""
@@ -182,7 +201,7 @@ class Checkpointer:
             by_run.setdefault(delivery.envelope.run_id, []).append(delivery.envelope)
         due_states: list[RunState] = []
         for run_id, events in by_run.items():
-            if not self.loader.cached(run_id) and all(e.type == _CHECKPOINT for e in events):
+            if self.loader.cached(run_id) is None and all(e.type == _CHECKPOINT for e in events):
                 # Checkpoints make nothing due: a run not in hand (one that ended and was
                 # forgotten, mostly) is not loaded just to fold its latest checkpoint in.
                 continue
@@ -250,6 +269,31 @@ class Checkpointer:
         for state in states:
             if state.status in TERMINAL_STATUSES:
                 self.loader.forget(state.run_id)
+
+
+class _Due:
+    """A run due for a snapshot: when to write it, its state when last found due, and its
+    entries held until then."""
+
+    __slots__ = ("deliveries", "state", "write_at")
+
+    def __init__(self, write_at: float, state: RunState) -> None:
+        self.write_at = write_at
+        self.state = state
+        self.deliveries: list[Delivery] = []
+
+
+def _ready(due: dict[str, _Due], now: float, slack: float) -> list[str]:
+    """The due runs to write now: none before the first one's time has come, then every
+    one due within ``slack`` of ``now`` (runs are in ``due`` in the order they became due)."""
+    ready: list[str] = []
+    if not due or next(iter(due.values())).write_at > now:
+        return ready
+    for run_id, found in due.items():
+        if found.write_at > now + slack:
+            break
+        ready.append(run_id)
+    return ready
 
 
 _ENDING = frozenset({"run_completed", "run_failed", "run_cancelled"})

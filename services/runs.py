@@ -68,9 +68,9 @@ class RunLoader:
             evicted, _ = self._states.popitem(last=False)
             self._holes.pop(evicted, None)
 
-    def cached(self, run_id: str) -> bool:
-        """Whether the run's state is in the cache."""
-        return run_id in self._states
+    def cached(self, run_id: str) -> RunState | None:
+        """The run's cached state, if it is in the cache."""
+        return self._states.get(run_id)
 
     def forget(self, run_id: str) -> None:
         self._states.pop(run_id, None)

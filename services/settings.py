@@ -59,7 +59,8 @@ class CheckpointSettings(BaseModel):
     #: A completed DAG level is snapshotted when at least this many events came since the
     #: last checkpoint (1: every level).
     level_min_events: int = Field(1, ge=1)
-    #: Due snapshots are written together at most this often (0: as soon as they are due).
+    #: A due snapshot is written this long after its run became due, of the run's state
+    #: then (0: as soon as it is due).
     interval_s: float = Field(1.0, ge=0)
     #: Seconds between retention passes (archive nothing, trim feeds below the horizon);
     #: 0 turns the periodic pass off (run ``flowlog retention run`` from cron instead).
