@@ -340,7 +340,10 @@ class MemorySubscription:
     def _hand(self, group: _Group, pending: _Pending, out: list[Delivery]) -> None:
         entry = pending.entry
         try:
-            envelope = entry.decoded(f"feed {group.partition} entry {entry.entry_id}")
+            # The place is only formatted for an entry that still has to be decoded.
+            envelope = entry.envelope or entry.decoded(
+                f"feed {group.partition} entry {entry.entry_id}"
+            )
         except DecodeError as exc:
             self._store._dead_letter(group, pending, f"{REASON_UNDECODABLE}: {exc}")
             return
@@ -550,7 +553,7 @@ class MemoryStore:
         while True:
             page = run.entries[position : position + _READ_PAGE]
             for entry in page:
-                yield entry.decoded(f"run {run_id} seq {entry.seq}")
+                yield entry.envelope or entry.decoded(f"run {run_id} seq {entry.seq}")
             if len(page) < _READ_PAGE:
                 return
             position += len(page)
