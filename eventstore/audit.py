@@ -77,6 +77,21 @@ def legacy_chain_hash(previous: str, seq: int, raw: bytes) -> str:
     return hashlib.sha1(b"%s\n%d\n%s" % (previous.encode(), seq, raw)).hexdigest()
 
 
+def accepted_hash(
+    previous: str, seq: int, raw: bytes, stored: str, legacy: bool
+) -> tuple[str, bool]:
+    """The hash entry ``seq`` (bytes ``raw``) must carry after ``previous``, given the one it
+    carries (``stored``): the current formula's, or the earlier builds' while ``legacy`` (the
+    run's entries so far all carried that one) and ``stored`` is that; and whether the next
+    entry may still carry the earlier one."""
+    current = chain_hash(previous, seq, raw)
+    if stored == current:
+        return current, False
+    if legacy and stored == legacy_chain_hash(previous, seq, raw):
+        return stored, True
+    return current, legacy
+
+
 def content_digest(raw: bytes) -> str:
     """``sha256hex`` of an entry's envelope bytes (what the MAC covers of the content)."""
     return hashlib.sha256(raw).hexdigest()
@@ -109,10 +124,8 @@ class _Verifier:
         prev_hash = previous.hash if previous is not None else ""
         prev_mac = previous.mac if previous is not None else ""
         found = []
-        expected = chain_hash(prev_hash, record.seq, record.raw)
-        if record.hash != expected and not (
-            self.legacy and record.hash == legacy_chain_hash(prev_hash, record.seq, record.raw)
-        ):
+        expected, _ = accepted_hash(prev_hash, record.seq, record.raw, record.hash, self.legacy)
+        if record.hash != expected:
             found.append(f"hash {record.hash or '(none)'} != expected {expected}")
         if self.key:
             if not record.mac:
@@ -148,7 +161,9 @@ class _Verifier:
             if not problems:
                 if self.legacy:
                     prev_hash = previous.hash if previous is not None else ""
-                    self.legacy = record.hash != chain_hash(prev_hash, record.seq, record.raw)
+                    _, self.legacy = accepted_hash(
+                        prev_hash, record.seq, record.raw, record.hash, self.legacy
+                    )
                 previous = record
                 continue
             if self._intruder(index, previous):

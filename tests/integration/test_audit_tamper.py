@@ -19,13 +19,15 @@ from support.processes import REPO
 from support.redis_server import RedisServer, admin_client, isolated
 
 from eventstore import codec
-from eventstore.audit import Anchor
+from eventstore.audit import Anchor, legacy_chain_hash
 from eventstore.events import Envelope, RunSubmitted, StepSucceeded
 from eventstore.keys import Keys
 from eventstore.redis_conn import command
 from eventstore.redis_store import RedisStore
 from eventstore.store import StoreConfig
+from projections.run_state import replay
 from services.cli_audit import verify_runs
+from services.replay import verify_run_state
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -166,6 +168,36 @@ async def test_rewritten_payload_with_recomputed_sha1_chain_is_caught_by_the_mac
     await tamper.redis("HSET", tamper.keys.head("run-a"), "hash", chain)
     assert await tamper.findings(key=b"") == []
     assert await tamper.findings() == [("run-a", 3, "modified")]
+
+
+async def test_a_run_begun_by_an_earlier_build_verifies(tamper: Tamper) -> None:
+    """Its first entries carry the earlier chain hash (over the envelope bytes themselves), the
+    rest the current one, as an upgrade in the middle of the run leaves it."""
+    run_key = tamper.keys.run("run-a")
+    entries = await tamper.entries("run-a")
+    events = [e async for e in tamper.store.read_run("run-a")]
+
+    async def rebuild(earlier: set[int]) -> None:
+        """The stream again, with the earlier hash on the entries of ``earlier``."""
+        await tamper.redis("DEL", run_key)
+        chain = ""
+        for entry_id, fields in entries:
+            seq, raw = int(fields[b"s"]), fields[b"e"]
+            hash_of = legacy_chain_hash if seq in earlier else codec.chain_hash
+            chain = hash_of(chain, seq, raw)
+            await tamper.redis(
+                "XADD", run_key, entry_id, "s", seq, "e", raw, "h", chain, "m", fields[b"m"]
+            )
+        await tamper.redis("HSET", tamper.keys.head("run-a"), "hash", chain)
+
+    await rebuild({1, 2, 3, 4})
+    assert await tamper.findings() == []
+    assert await verify_run_state(tamper.store, "run-a", events) == (replay(events), [])
+    # The earlier hash is not accepted after an entry with the current one.
+    await rebuild({1, 2, 3, 4, EVENTS_PER_RUN})
+    assert await tamper.findings() == [("run-a", EVENTS_PER_RUN, "modified")]
+    _, differences = await verify_run_state(tamper.store, "run-a", events)
+    assert [d.path for d in differences] == ["head.hash"]
 
 
 async def test_truncated_tail_with_consistent_head_is_caught_by_anchors(tamper: Tamper) -> None:
