@@ -16,8 +16,10 @@ soon as a batch makes it due), of the run's latest state then, as a stream proce
 on an interval: it covers every level completed meanwhile (a chain's steps would otherwise
 cost a snapshot and an event each). Writes go out in a few rounds per interval as runs come
 due, not in one burst. A due run's feed entries are acknowledged only after its snapshot is
-written, and a stopping checkpointer writes what is due first, so none is skipped by a
-restart.
+written (and the interval must stay under half of ``claim_idle``, so that held entries are not
+claimed from a live checkpointer): a stopping checkpointer writes what is due first, and one
+that dies leaves them pending, to be folded again, and the snapshot made due again, by its
+successor.
 
 Every ``retention_interval_s`` (None: never) it also runs feed retention
 (:func:`services.retention.run_retention`: archive what is about to go to gzipped JSON lines
@@ -56,7 +58,8 @@ WRITE_SLACK = 0.25
 
 
 class Checkpointer:
-    """Snapshots every run every ``every`` events and at its end."""
+    """Snapshots every run every ``every`` events, at its DAG level ends and at its end, each
+    due snapshot about ``interval_s`` after its run became due (see the module docs)."""
 
     def __init__(
         self,
@@ -85,6 +88,11 @@ class Checkpointer:
         self.archive_dir = archive_dir
         self.metrics = metrics
         self.clock_ms = clock_ms
+        if interval_s * 2000 >= store.config.claim_idle_ms:
+            raise ValueError(
+                f"interval_s ({interval_s:g}) must be under half of the store's claim idle time"
+                f" ({store.config.claim_idle_ms} ms): a due run's entries are held that long"
+            )
         self.interval_s = interval_s
         self.handled_entries = 0
         self._progress = anyio.Event()

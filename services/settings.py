@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from eventstore.store import StoreConfig
@@ -90,3 +90,16 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     runner: RunnerSettings = RunnerSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
+
+    @model_validator(mode="after")
+    def _checkpoint_hold_below_claim_idle(self) -> Settings:
+        """The checkpointer holds a due run's feed entries for ``checkpoint.interval_s``; held
+        that long, they must not look abandoned (idle for ``store.claim_idle_s``)."""
+        interval, idle = self.checkpoint.interval_s, self.store.claim_idle_s
+        if interval * 2 >= idle:
+            raise ValueError(
+                f"FLOWLOG_CHECKPOINT__INTERVAL_S ({interval:g}) must be under half of"
+                f" FLOWLOG_STORE__CLAIM_IDLE_S ({idle:g}): the checkpointer holds a due run's feed"
+                " entries that long, and entries idle for claim_idle are claimed from it"
+            )
+        return self

@@ -22,6 +22,7 @@ def services(redis_server: RedisServer, tmp_path: Path) -> Iterator[Cluster]:
         redis_server.url,
         tmp_path,
         FLOWLOG_STORE__CLAIM_IDLE_S="1.5",
+        FLOWLOG_CHECKPOINT__INTERVAL_S="0.5",
         FLOWLOG_RUNNER__HEARTBEAT_S="0.3",
     ) as c:
         yield c

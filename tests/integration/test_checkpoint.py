@@ -369,7 +369,7 @@ async def test_checkpointer_snapshots_at_level_boundaries_every_n_and_at_the_end
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("interval_s", [0, 3600])
+@pytest.mark.parametrize("interval_s", [0, 10])
 async def test_due_snapshots_are_written_every_interval_covering_every_level_since(
     redis_store: RedisStore, interval_s: float
 ) -> None:
@@ -414,6 +414,42 @@ async def test_due_snapshots_are_written_every_interval_covering_every_level_sin
     ]
     infos = await redis_store.group_info()
     assert all(i.pending == 0 for i in infos if i.group == "checkpointer")
+
+
+@pytest.mark.redis
+async def test_entries_held_by_a_checkpointer_that_died_are_snapshotted_by_its_successor(
+    redis_store: RedisStore,
+) -> None:
+    definition = parse_definition(DIAMOND)
+    history = simulate(definition, "run-d", always(), 500)
+    await append_all(redis_store, "run-d", history)
+
+    def checkpointer(interval_s: float) -> Checkpointer:
+        return Checkpointer(
+            redis_store,
+            Producer("checkpointer"),
+            consumer="c1",
+            retention_interval_s=None,
+            interval_s=interval_s,
+        )
+
+    dying = checkpointer(10)
+    async with anyio.create_task_group() as tg:
+        await tg.start(dying.run)
+        with anyio.fail_after(30):
+            await dying.wait_handled(len(history))
+        tg.cancel_scope.cancel()  # dies holding every entry, nothing written
+    assert await redis_store.get_snapshot("run-d") is None
+    successor = checkpointer(0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(successor.run)
+        with anyio.fail_after(30):
+            await successor.wait_handled(len(history))
+        successor.stop()
+    snap = await redis_store.get_snapshot("run-d")
+    assert snap is not None
+    assert snap.seq == len(history)
+    assert state_from_snapshot(snap) == replay(history)
 
 
 def archived_events(folder: Path) -> list[Envelope]:

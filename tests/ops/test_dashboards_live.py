@@ -71,6 +71,7 @@ def four_services(redis_server: RedisServer, tmp_path: Path) -> Iterator[Cluster
         tmp_path,
         ("scheduler", "runner", "checkpointer", "metrics"),
         FLOWLOG_STORE__CLAIM_IDLE_S="1.5",
+        FLOWLOG_CHECKPOINT__INTERVAL_S="0.5",
         FLOWLOG_RUNNER__HEARTBEAT_S="0.3",
     ) as services:
         yield services
