@@ -76,8 +76,12 @@ class InlineAgent(Agent, Protocol):
 
     The runner calls :meth:`call` as it reads the step, without a worker, a timeout or a slot,
     and appends ``step_started`` together with the outcome in one append, as a local activity
-    is recorded. ``run`` must do the same as ``call``.
+    is recorded. An agent opts in with ``inline = True`` and a plain (not ``async``) ``call``;
+    anything slow in ``call`` holds up the runner's whole event loop. ``run`` must do the same
+    as ``call``.
     """
+
+    inline: bool
 
     def call(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
         """Do the work at once and return a JSON-able output, or raise :class:`AgentError`."""

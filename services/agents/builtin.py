@@ -15,6 +15,7 @@ class NoopAgent:
 
     name = "noop"
     version = "1"
+    inline = True
 
     def call(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
         """Return ``None``."""
@@ -35,6 +36,7 @@ class EchoAgent:
 
     name = "echo"
     version = "1"
+    inline = True
 
     def call(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
         """Return ``inputs["value"]``."""

@@ -15,6 +15,7 @@ shows the downstream answered and counts as a success. Bulkheads are per agent n
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -323,16 +324,21 @@ class AgentExecutor:
         return self._done(started, key, output, cache_ttl_s)
 
     def inline_agent(self, agent_name: str) -> InlineAgent | None:
-        """The agent called ``agent_name`` when it can run inline: it is an
-        :class:`InlineAgent` and no bulkhead limits it (a call that may have to wait for a
-        slot goes through :meth:`execute`)."""
+        """The agent called ``agent_name`` when it can run inline: an :class:`InlineAgent`
+        with ``inline = True`` and a plain ``call``, that no bulkhead limits (a call that may
+        have to wait for a slot goes through :meth:`execute`)."""
         if agent_name not in self._inline:
             try:
                 agent = self.registry.get(agent_name)
             except UnknownAgent:
                 return None
             # isinstance on a runtime Protocol inspects the class each time: once per agent.
-            inline = isinstance(agent, InlineAgent) and self.bulkhead(agent_name) is None
+            inline = (
+                isinstance(agent, InlineAgent)
+                and agent.inline is True
+                and not inspect.iscoroutinefunction(agent.call)
+                and self.bulkhead(agent_name) is None
+            )
             self._inline[agent_name] = cast(InlineAgent, agent) if inline else None
         return self._inline[agent_name]
 

@@ -162,6 +162,7 @@ class RunnerService:
                     handled = []
                     facts: list[AppendRequest] = []
                     done: list[Delivery] = []
+                    for_workers: list[Delivery] = []
                     for delivery in deliveries:
                         data = delivery.envelope.data
                         if not isinstance(data, StepScheduled) or data.queue != queue:
@@ -170,12 +171,17 @@ class RunnerService:
                             facts.append(AppendRequest(run_id=events[0].run_id, events=events))
                             done.append(delivery)
                         else:
-                            self._idle -= 1
-                            await send.send((subscription, delivery))
+                            for_workers.append(delivery)
+                    # Inline facts go out before any hand-over to a worker, which may wait.
                     if facts:
                         with anyio.CancelScope(shield=True):
                             await self.store.append_many(facts)
                         handled += done
+                        for request in facts:
+                            _log_outcome(request.events[-1])
+                    for delivery in for_workers:
+                        self._idle -= 1
+                        await send.send((subscription, delivery))
         finally:
             if handled:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -208,7 +214,6 @@ class RunnerService:
             else:
                 outcome = _succeeded(s, result)
             finished = self._fact(delivery, "finished", outcome)
-            _log_outcome(run_id, s, outcome, finished)
         return [started, finished]
 
     async def _worker(
@@ -256,7 +261,7 @@ class RunnerService:
             return
         event = self._fact(job.delivery, "finished", outcome)
         await self._append(event)
-        _log_outcome(run_id, s, outcome, event)
+        _log_outcome(event)
 
     def _started(self, s: StepScheduled) -> StepStarted:
         return StepStarted(**_attempt(s), runner=self.producer.name)
@@ -336,19 +341,23 @@ def _failed(s: StepScheduled, exc: Exception, begun: float) -> StepFailed:
     return StepFailed(**_attempt(s), error=error_info(exc), duration_ms=duration_ms)
 
 
-def _log_outcome(
-    run_id: str, s: StepScheduled, outcome: StepSucceeded | StepFailed, event: Envelope
-) -> None:
+def _log_outcome(event: Envelope) -> None:
+    """One line for the recorded outcome of a step attempt (none for a cache hit), naming the
+    trace of the step from the event (an inline step's span has ended by now)."""
+    outcome = event.data
+    if not isinstance(outcome, StepSucceeded | StepFailed):
+        return
     log.info(
         "step %s",
         "succeeded" if isinstance(outcome, StepSucceeded) else "failed",
         extra={
-            "run_id": run_id,
-            "step": s.step,
-            "attempt": s.attempt,
-            "agent": s.agent,
+            "run_id": event.run_id,
+            "step": outcome.step,
+            "attempt": outcome.attempt,
+            "agent": outcome.agent,
             "event_id": event.event_id,
             "duration_ms": round(outcome.duration_ms, 3),
             **({"error": outcome.error.type} if isinstance(outcome, StepFailed) else {}),
+            **({"trace_id": event.traceparent.split("-")[1]} if event.traceparent else {}),
         },
     )

@@ -481,6 +481,7 @@ class CountingInlineAgent(CountingAgent):
     """:class:`CountingAgent` that may run inline (``call`` does the work)."""
 
     name = "counting-inline"
+    inline = True
 
     def call(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
         self.calls += 1
@@ -492,12 +493,36 @@ class CountingInlineAgent(CountingAgent):
         return self.call(inputs, ctx)
 
 
+class NotOptedIn(CountingInlineAgent):
+    name = "not-opted-in"
+    inline = False
+
+
+class AsyncCall(CountingInlineAgent):
+    name = "async-call"
+
+    async def call(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
+        return None
+
+
 def test_only_inline_agents_without_a_bulkhead_run_inline() -> None:
     inline = CountingInlineAgent()
     executor = AgentExecutor(
-        AgentRegistry([inline, CountingAgent(), EchoAgent(), NoopAgent(), SleepAgent()]),
+        AgentRegistry(
+            [
+                inline,
+                CountingAgent(),
+                EchoAgent(),
+                NoopAgent(),
+                SleepAgent(),
+                NotOptedIn(),
+                AsyncCall(),
+            ]
+        ),
         bulkhead_settings=BulkheadSettings(max_concurrent={"echo": 2}),
     )
+    assert executor.inline_agent("not-opted-in") is None
+    assert executor.inline_agent("async-call") is None
     assert executor.inline_agent("counting-inline") is inline
     noop = executor.inline_agent("noop")
     assert noop is not None

@@ -4,11 +4,14 @@ other agents go through a worker, which appends the start before the agent runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import anyio
 import pytest
 
 from eventstore.events import Envelope, StepCacheHit, StepFailed, StepStarted, StepSucceeded
 from eventstore.memory import MemoryStore
+from eventstore.store import AppendRequest, AppendResult
 from services import commands
 from services.app import running
 from services.producer import Producer
@@ -39,8 +42,23 @@ def _facts(history: list[Envelope], step: str) -> list[Envelope]:
     ]
 
 
+class RecordingStore(MemoryStore):
+    """The memory store, keeping the event types of every append request it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[str, ...]] = []
+
+    async def append_many(self, requests: Sequence[AppendRequest]) -> list[list[AppendResult]]:
+        for request in requests:
+            self.requests.append(
+                tuple(f"{e.type}:{getattr(e.data, 'step', '')}" for e in request.events)
+            )
+        return await super().append_many(requests)
+
+
 async def test_inline_steps_append_start_and_outcome_together() -> None:
-    store = MemoryStore()
+    store = RecordingStore()
     settings = Settings(redis_url=None, http_port=0)
     async with running(store, settings, ("scheduler", "runner")):
         run = await commands.submit(store, Producer("test"), DEFINITION)
@@ -56,8 +74,11 @@ async def test_inline_steps_append_start_and_outcome_together() -> None:
     # The same inputs within the cache TTL: a cache hit, nothing run, nothing started.
     assert [e.type for e in _facts(history, "again")] == ["step_cache_hit"]
     assert state.steps["again"].cached
+    assert ("step_started:first", "step_succeeded:first") in store.requests
     # A non-inline agent: its start is appended on its own, before the agent runs.
     assert [e.type for e in _facts(history, "waits")] == ["step_started", "step_succeeded"]
+    assert ("step_started:waits",) in store.requests
+    assert ("step_succeeded:waits",) in store.requests
     # An inline agent's failure is recorded like any other: a non-retryable input error.
     bad = _facts(history, "bad")
     assert [e.type for e in bad] == ["step_started", "step_failed"]
