@@ -65,6 +65,7 @@ def build_services(
                     queues=settings.runner.queues,
                     concurrency=settings.runner.concurrency,
                     heartbeat_s=settings.runner.heartbeat_s,
+                    prefetch=settings.runner.prefetch,
                 )
             )
         elif name == "checkpointer":

@@ -47,6 +47,9 @@ class RunnerSettings(BaseModel):
     queues: list[str] = ["default"]
     concurrency: int = Field(32, ge=1)
     heartbeat_s: float = Field(5.0, gt=0)
+    #: Feed entries fetched per idle worker (most are not this runner's steps); 1 keeps a
+    #: runner from taking steps it cannot start yet while another runner is idle.
+    prefetch: int = Field(4, ge=1)
     breaker_failures: int = Field(5, ge=1)
     breaker_reset_s: float = Field(30.0, gt=0)
     bulkhead: dict[str, int] = {}

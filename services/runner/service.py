@@ -12,9 +12,15 @@ with the reader's next fetch), so a runner that dies mid-step leaves the entry p
 another runner claims it after ``claim_idle`` and runs the step again.
 
 Facts get event ids derived from the attempt (run, step, item, iteration, fallback, attempt),
-so a repeated delivery of the same attempt appends nothing new. While a step runs, its entry
-is touched every ``heartbeat_s`` (so it is not claimed from a live runner) and the run's head
-is checked: a run that became terminal (cancelled, or failed elsewhere) cancels the step.
+so a repeated delivery of the same attempt appends nothing new. While a step runs, or waits
+for a free worker, its entry is touched every ``heartbeat_s`` (so it is not claimed from a live
+runner); for a running step the run's head is checked too: a run that became terminal
+(cancelled, or failed elsewhere) cancels the step.
+
+The reader fetches up to ``prefetch`` feed entries per idle worker (most entries are not this
+runner's steps), as Celery's prefetch multiplier: fewer, larger reads under load; with long
+steps and several runners, ``prefetch=1`` keeps one runner from holding steps it cannot start
+yet while another is idle.
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ class RunnerService:
         queues: Sequence[str] = ("default",),
         concurrency: int = 32,
         heartbeat_s: float = 5.0,
+        prefetch: int = 4,
         block_ms: int = 500,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
@@ -101,7 +108,10 @@ class RunnerService:
         self.block_ms = block_ms
         self.tracer = RunTracer(store.config, tracer_provider)
         self._stop = anyio.Event()
+        self.prefetch = prefetch
         self._inflight: dict[int, _InFlight] = {}
+        # Steps fetched for a worker that no worker has taken yet.
+        self._waiting: dict[int, tuple[Subscription, Delivery]] = {}
         self._idle = concurrency
         # Workers' appends and acks go out in batches: one round trip per batch, not per step.
         self._appends: GroupCommit[AppendRequest, list[AppendResult]] = GroupCommit(
@@ -157,7 +167,7 @@ class RunnerService:
             async with send:
                 while True:
                     deliveries = await subscription.fetch(
-                        max(1, self._idle), self.block_ms, ack=handled
+                        max(1, self._idle) * self.prefetch, self.block_ms, ack=handled
                     )
                     handled = []
                     facts: list[AppendRequest] = []
@@ -179,6 +189,8 @@ class RunnerService:
                         handled += done
                         for request in facts:
                             _log_outcome(request.events[-1])
+                    for delivery in for_workers:
+                        self._waiting[id(delivery)] = (subscription, delivery)
                     for delivery in for_workers:
                         self._idle -= 1
                         await send.send((subscription, delivery))
@@ -221,6 +233,7 @@ class RunnerService:
     ) -> None:
         async with receive:
             async for subscription, delivery in receive:
+                del self._waiting[id(delivery)]
                 job = _InFlight(subscription, delivery)
                 self._inflight[id(job)] = job
                 try:
@@ -296,15 +309,15 @@ class RunnerService:
         return commit
 
     async def _heartbeat(self) -> None:
-        """Touch in-flight entries and cancel steps whose run has ended."""
+        """Touch the entries of steps in flight or waiting for a worker, and cancel steps in
+        flight whose run has ended."""
         while True:
             await anyio.sleep(self.heartbeat_s)
             jobs = list(self._inflight.values())
+            held = [(job.subscription, job.delivery) for job in jobs]
             by_sub: dict[int, tuple[Subscription, list[Delivery]]] = {}
-            for job in jobs:
-                by_sub.setdefault(id(job.subscription), (job.subscription, []))[1].append(
-                    job.delivery
-                )
+            for subscription, delivery in [*held, *self._waiting.values()]:
+                by_sub.setdefault(id(subscription), (subscription, []))[1].append(delivery)
             for subscription, deliveries in by_sub.values():
                 await subscription.touch(deliveries)
             for job in jobs:

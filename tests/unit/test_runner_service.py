@@ -10,8 +10,8 @@ import anyio
 import pytest
 
 from eventstore.events import Envelope, StepCacheHit, StepFailed, StepStarted, StepSucceeded
-from eventstore.memory import MemoryStore
-from eventstore.store import AppendRequest, AppendResult
+from eventstore.memory import MemoryStore, MemorySubscription
+from eventstore.store import AppendRequest, AppendResult, Delivery
 from services import commands
 from services.app import running
 from services.producer import Producer
@@ -105,6 +105,17 @@ async def _started(store: MemoryStore, step: str) -> None:
     await watcher.close()
 
 
+def one_worker(heartbeat_s: float) -> Settings:
+    """In-memory settings for a runner with a single worker."""
+    return Settings.model_validate(
+        {
+            "redis_url": None,
+            "http_port": 0,
+            "runner": {"concurrency": 1, "heartbeat_s": heartbeat_s},
+        }
+    )
+
+
 async def _step_status(store: MemoryStore, run_id: str, step: str) -> str:
     found = (await commands.load_run(store, run_id)).steps.get(step)
     return found.status if found is not None else ""
@@ -112,9 +123,7 @@ async def _step_status(store: MemoryStore, run_id: str, step: str) -> str:
 
 async def test_inline_steps_do_not_wait_for_a_worker() -> None:
     store = MemoryStore()
-    settings = Settings.model_validate(
-        {"redis_url": None, "http_port": 0, "runner": {"concurrency": 1, "heartbeat_s": 0.1}}
-    )
+    settings = one_worker(heartbeat_s=0.1)
     producer = Producer("test")
     long = parse_definition(
         "name: long\nsteps:\n  - {id: nap, agent: sleep, with: {seconds: 600}}\n"
@@ -132,3 +141,49 @@ async def test_inline_steps_do_not_wait_for_a_worker() -> None:
         await commands.cancel(store, producer, busy.run_id)
         cancelled = await commands.wait(store, busy.run_id, timeout_s=30)
     assert cancelled.status == "cancelled"
+
+
+class TouchWatch(MemoryStore):
+    """The memory store, noting the steps whose feed entries subscribers touch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.touched: set[str] = set()
+        self._changed = anyio.Event()
+
+    async def subscribe(self, group: str, consumer: str) -> MemorySubscription:
+        subscription = await super().subscribe(group, consumer)
+        touch = subscription.touch
+
+        async def noting(deliveries: Sequence[Delivery]) -> None:
+            await touch(deliveries)
+            self.touched |= {getattr(d.envelope.data, "step", "") for d in deliveries}
+            self._changed.set()
+            self._changed = anyio.Event()
+
+        setattr(subscription, "touch", noting)  # noqa: B010 - wraps the bound method
+        return subscription
+
+    async def wait_touched(self, step: str) -> None:
+        while step not in self.touched:
+            await self._changed.wait()
+
+
+async def test_steps_waiting_for_a_worker_are_heartbeated() -> None:
+    store = TouchWatch()
+    settings = one_worker(heartbeat_s=0.05)
+    producer = Producer("test")
+    pair = parse_definition(
+        "name: pair\nsteps:\n  - {id: busy, agent: sleep, with: {seconds: 600}}\n"
+        "  - {id: next, agent: sleep, with: {seconds: 0}}\n"
+    )
+    async with running(store, settings, ("scheduler", "runner")):
+        run = await commands.submit(store, producer, pair)
+        # Both steps are fetched together; "next" waits for the only worker, and its entry is
+        # kept from looking abandoned all the same.
+        with anyio.fail_after(30):
+            await store.wait_touched("next")
+        assert await _step_status(store, run.run_id, "busy") == "running"
+        assert await _step_status(store, run.run_id, "next") == "scheduled"
+        await commands.cancel(store, producer, run.run_id)
+        assert (await commands.wait(store, run.run_id, timeout_s=30)).status == "cancelled"
