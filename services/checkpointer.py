@@ -46,6 +46,7 @@ from services.observability.prometheus import ProcessMetrics
 from services.producer import Producer, now_ms
 from services.retention import RetentionReport, run_retention
 from services.runs import RunLoader, snapshot_of
+from services.settings import checkpoint_interval_fits
 from services.workflow.errors import DefinitionError
 from services.workflow.loader import execution_levels
 
@@ -88,7 +89,7 @@ class Checkpointer:
         self.archive_dir = archive_dir
         self.metrics = metrics
         self.clock_ms = clock_ms
-        if interval_s * 2000 >= store.config.claim_idle_ms:
+        if not checkpoint_interval_fits(interval_s, store.config.claim_idle_ms / 1000):
             raise ValueError(
                 f"interval_s ({interval_s:g}) must be under half of the store's claim idle time"
                 f" ({store.config.claim_idle_ms} ms): a due run's entries are held that long"

@@ -73,6 +73,12 @@ class CheckpointSettings(BaseModel):
     archive_dir: Path | None = None
 
 
+def checkpoint_interval_fits(interval_s: float, claim_idle_s: float) -> bool:
+    """Whether the checkpointer may hold a due run's feed entries for ``interval_s``: held that
+    long, they must not look abandoned (idle for ``claim_idle_s``), so under half of it."""
+    return interval_s * 2 < claim_idle_s
+
+
 class Settings(BaseSettings):
     """Everything a flowlog process is configured with."""
 
@@ -96,10 +102,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _checkpoint_hold_below_claim_idle(self) -> Settings:
-        """The checkpointer holds a due run's feed entries for ``checkpoint.interval_s``; held
-        that long, they must not look abandoned (idle for ``store.claim_idle_s``)."""
         interval, idle = self.checkpoint.interval_s, self.store.claim_idle_s
-        if interval * 2 >= idle:
+        if not checkpoint_interval_fits(interval, idle):
             raise ValueError(
                 f"FLOWLOG_CHECKPOINT__INTERVAL_S ({interval:g}) must be under half of"
                 f" FLOWLOG_STORE__CLAIM_IDLE_S ({idle:g}): the checkpointer holds a due run's feed"

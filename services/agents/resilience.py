@@ -354,13 +354,8 @@ class AgentExecutor:
         cache (:meth:`cached`)."""
         started = self._clock()
         key = _cache_key(agent, inputs, cache_ttl_s)
-        with self._breaker(agent, inputs).guard():
-            try:
-                output = agent.call(inputs, ctx)
-            except AgentError:
-                raise
-            except Exception as exc:
-                raise as_agent_error(exc) from exc
+        with self._breaker(agent, inputs).guard(), _agent_errors():
+            output = agent.call(inputs, ctx)
         return self._done(started, key, output, cache_ttl_s)
 
     def _done(
@@ -445,15 +440,21 @@ def _cache_key(agent: Agent, inputs: dict[str, Any], cache_ttl_s: float | None) 
     return cache_key(agent.name, agent.version, inputs) if _ttl(cache_ttl_s) else ""
 
 
+@contextmanager
+def _agent_errors() -> Iterator[None]:
+    """Any exception of an agent's own code comes out as an :class:`AgentError`."""
+    try:
+        yield
+    except AgentError:
+        raise
+    except Exception as exc:
+        raise as_agent_error(exc) from exc
+
+
 async def _run_with_timeout(agent: Agent, inputs: dict[str, Any], ctx: AgentContext) -> Any:
     """Run the agent within ``ctx.timeout_s``; any exception comes out as an AgentError."""
-    with anyio.move_on_after(ctx.timeout_s):
-        try:
-            return await agent.run(inputs, ctx)
-        except AgentError:
-            raise
-        except Exception as exc:
-            raise as_agent_error(exc) from exc
+    with anyio.move_on_after(ctx.timeout_s), _agent_errors():
+        return await agent.run(inputs, ctx)
     raise AgentError(
         "StepTimeout",
         f"agent {agent.name!r} did not finish within {ctx.timeout_s}s",

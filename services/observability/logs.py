@@ -25,6 +25,13 @@ from eventstore.errors import FlowlogError
 
 CONTEXT_FIELDS: Final = ("run_id", "step", "event_id", "trace_id")
 
+
+def trace_field(traceparent: str) -> dict[str, str]:
+    """The ``trace_id`` field naming the trace of a W3C ``traceparent`` (none without one), for
+    a line logged about an event once its span has ended."""
+    return {"trace_id": traceparent.split("-")[1]} if traceparent else {}
+
+
 #: Attributes every LogRecord has: anything else on a record came from ``extra=``.
 _RECORD_ATTRIBUTES: Final = frozenset(
     {*logging.LogRecord("", 0, "", 0, "", None, None).__dict__, "message", "asctime", "taskName"}

@@ -55,6 +55,7 @@ from eventstore.store import (
 from services.agents.base import AgentContext, AgentError, error_info
 from services.agents.resilience import AgentExecutor, CacheHit, ExecutionResult
 from services.group_commit import GroupCommit
+from services.observability.logs import trace_field
 from services.observability.tracing import RunTracer
 from services.producer import Producer
 
@@ -189,8 +190,7 @@ class RunnerService:
                         handled += done
                         for request in facts:
                             _log_outcome(request.events[-1])
-                    for delivery in for_workers:
-                        self._waiting[id(delivery)] = (subscription, delivery)
+                    self._waiting.update((id(d), (subscription, d)) for d in for_workers)
                     for delivery in for_workers:
                         self._idle -= 1
                         await send.send((subscription, delivery))
@@ -315,8 +315,9 @@ class RunnerService:
             await anyio.sleep(self.heartbeat_s)
             jobs = list(self._inflight.values())
             held = [(job.subscription, job.delivery) for job in jobs]
+            held += self._waiting.values()
             by_sub: dict[int, tuple[Subscription, list[Delivery]]] = {}
-            for subscription, delivery in [*held, *self._waiting.values()]:
+            for subscription, delivery in held:
                 by_sub.setdefault(id(subscription), (subscription, []))[1].append(delivery)
             for subscription, deliveries in by_sub.values():
                 await subscription.touch(deliveries)
@@ -371,6 +372,6 @@ def _log_outcome(event: Envelope) -> None:
             "event_id": event.event_id,
             "duration_ms": round(outcome.duration_ms, 3),
             **({"error": outcome.error.type} if isinstance(outcome, StepFailed) else {}),
-            **({"trace_id": event.traceparent.split("-")[1]} if event.traceparent else {}),
+            **trace_field(event.traceparent),
         },
     )

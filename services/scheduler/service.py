@@ -27,6 +27,7 @@ from eventstore.events import Envelope
 from eventstore.ids import derived_event_id
 from eventstore.store import AppendRequest, AppendResult, Delivery, EventStore, Outcome, Timer
 from projections.run_state import RunState, evolve
+from services.observability.logs import trace_field
 from services.observability.tracing import Cause, RunTracer
 from services.producer import Producer, now_ms
 from services.runs import RunLoader
@@ -239,7 +240,7 @@ def _log_decision(event: Envelope, seq: int) -> None:
                 "event_id": event.event_id,
                 "seq": seq,
                 # The decision's span has ended by now: name its trace from the event.
-                **({"trace_id": event.traceparent.split("-")[1]} if event.traceparent else {}),
+                **trace_field(event.traceparent),
             },
         )
 

@@ -368,21 +368,36 @@ async def test_checkpointer_snapshots_at_level_boundaries_every_n_and_at_the_end
         await store.close()
 
 
-@pytest.mark.redis
-@pytest.mark.parametrize("interval_s", [0, 10])
-async def test_due_snapshots_are_written_every_interval_covering_every_level_since(
-    redis_store: RedisStore, interval_s: float
-) -> None:
-    definition = parse_definition(DIAMOND)
-    history = simulate(definition, "run-i", always(), 500)
-    await append_all(redis_store, "run-i", history)
-    checkpointer = Checkpointer(
-        redis_store,
+async def appended_diamond(store: EventStore, run_id: str) -> list[Envelope]:
+    """A finished run of the diamond workflow (three levels), appended to ``store``."""
+    history = simulate(parse_definition(DIAMOND), run_id, always(), 500)
+    await append_all(store, run_id, history)
+    return history
+
+
+def service_checkpointer(store: EventStore, interval_s: float) -> Checkpointer:
+    """A checkpointer as its service loop runs it, without retention."""
+    return Checkpointer(
+        store,
         Producer("checkpointer"),
         consumer="c1",
         retention_interval_s=None,
         interval_s=interval_s,
     )
+
+
+async def checkpointer_pending(store: EventStore) -> int:
+    """Entries delivered to the checkpointer group and not acknowledged."""
+    return sum(i.pending for i in await store.group_info() if i.group == "checkpointer")
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("interval_s", [0, 10])
+async def test_due_snapshots_are_written_every_interval_covering_every_level_since(
+    redis_store: RedisStore, interval_s: float
+) -> None:
+    history = await appended_diamond(redis_store, "run-i")
+    checkpointer = service_checkpointer(redis_store, interval_s)
     async with anyio.create_task_group() as tg:
         await tg.start(checkpointer.run)
         with anyio.fail_after(30):
@@ -392,8 +407,7 @@ async def test_due_snapshots_are_written_every_interval_covering_every_level_sin
             # Every level has completed, but the interval has not passed: nothing is written
             # yet, and the entries that made the snapshot due are not acknowledged.
             assert snap is None
-            infos = await redis_store.group_info()
-            assert sum(i.pending for i in infos if i.group == "checkpointer") == len(history)
+            assert await checkpointer_pending(redis_store) == len(history)
         else:
             assert snap is not None
             # Its checkpoint comes back through the feed once the run has ended and been
@@ -412,35 +426,22 @@ async def test_due_snapshots_are_written_every_interval_covering_every_level_sin
     assert [e.data for e in recorded] == [
         CheckpointTaken(covered_seq=len(history), snapshot_key="snap:run-i")
     ]
-    infos = await redis_store.group_info()
-    assert all(i.pending == 0 for i in infos if i.group == "checkpointer")
+    assert await checkpointer_pending(redis_store) == 0
 
 
 @pytest.mark.redis
 async def test_entries_held_by_a_checkpointer_that_died_are_snapshotted_by_its_successor(
     redis_store: RedisStore,
 ) -> None:
-    definition = parse_definition(DIAMOND)
-    history = simulate(definition, "run-d", always(), 500)
-    await append_all(redis_store, "run-d", history)
-
-    def checkpointer(interval_s: float) -> Checkpointer:
-        return Checkpointer(
-            redis_store,
-            Producer("checkpointer"),
-            consumer="c1",
-            retention_interval_s=None,
-            interval_s=interval_s,
-        )
-
-    dying = checkpointer(10)
+    history = await appended_diamond(redis_store, "run-d")
+    dying = service_checkpointer(redis_store, 10)
     async with anyio.create_task_group() as tg:
         await tg.start(dying.run)
         with anyio.fail_after(30):
             await dying.wait_handled(len(history))
         tg.cancel_scope.cancel()  # dies holding every entry, nothing written
     assert await redis_store.get_snapshot("run-d") is None
-    successor = checkpointer(0)
+    successor = service_checkpointer(redis_store, 0)
     async with anyio.create_task_group() as tg:
         await tg.start(successor.run)
         with anyio.fail_after(30):
