@@ -19,7 +19,7 @@ import msgspec
 SCHEMA_VERSION: Final = 1
 
 
-class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What went wrong: exception type name, message, and whether a retry may help."""
 
     type: str
@@ -27,7 +27,7 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     retryable: bool = True
 
 
-class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+class _Event(msgspec.Struct, frozen=True, kw_only=True, gc=False, tag_field="type"):
     """Base of every payload; the tag is the event type."""
 
 
@@ -235,7 +235,7 @@ EVENT_TYPES: Final[dict[str, type[_Event]]] = {
 _TYPE_OF: Final[dict[type[_Event], str]] = {cls: tag for tag, cls in EVENT_TYPES.items()}
 
 
-class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One immutable event as stored in the log.
 
     ``seq`` is assigned by the store at append (it is 0 on an event not yet appended);

@@ -65,20 +65,21 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class _Entry:
+class _Entry(msgspec.Struct, gc=False):
     """One stored event: feed entry and run stream entry at once. ``envelope`` is the decoded
-    event (None for raw feed entries, which are decoded, or dead-lettered, when delivered)."""
+    event (None for raw feed entries, which are decoded, or dead-lettered, when delivered).
 
-    __slots__ = ("entry_id", "envelope", "hash", "key", "mac", "raw", "seq")
+    Stored entries, dedup records and pending entries are by far the most numerous objects of
+    a long-running store; none can be part of a reference cycle, so the cycle collector does
+    not track them (``gc=False``), and its full collections do not grow with the log."""
 
-    def __init__(self, key: EntryKey, seq: int, raw: bytes) -> None:
-        self.key = key
-        self.entry_id = f"{key[0]}-{key[1]}"
-        self.seq = seq
-        self.raw = raw
-        self.hash = ""
-        self.mac = ""
-        self.envelope: Envelope | None = None
+    key: EntryKey
+    entry_id: str
+    seq: int
+    raw: bytes
+    hash: str = ""
+    mac: str = ""
+    envelope: Envelope | None = None
 
     def decoded(self, where: str) -> Envelope:
         """The entry's envelope; raises :class:`DecodeError` naming ``where``."""
@@ -102,14 +103,11 @@ class _Run:
         self.expires_at: int | None = None
 
 
-class _Dedup:
-    __slots__ = ("digest", "entry_id", "expires_at", "seq")
-
-    def __init__(self, entry_id: str, seq: int, digest: str, expires_at: int) -> None:
-        self.entry_id = entry_id
-        self.seq = seq
-        self.digest = digest
-        self.expires_at = expires_at
+class _Dedup(msgspec.Struct, gc=False):
+    entry_id: str
+    seq: int
+    digest: str
+    expires_at: int
 
 
 class _Feed:
@@ -128,20 +126,17 @@ class _Feed:
 
     def add(self, now_ms: int, seq: int, raw: bytes) -> _Entry:
         ms, n = self.last_key
-        self.last_key = (now_ms, 0) if now_ms > ms else (ms, n + 1)
-        entry = _Entry(self.last_key, seq, raw)
+        key = self.last_key = (now_ms, 0) if now_ms > ms else (ms, n + 1)
+        entry = _Entry(key, f"{key[0]}-{key[1]}", seq, raw)
         self.entries.append(entry)
         return entry
 
 
-class _Pending:
-    __slots__ = ("consumer", "delivered_ms", "deliveries", "entry")
-
-    def __init__(self, consumer: str, delivered_ms: int, entry: _Entry) -> None:
-        self.consumer = consumer
-        self.deliveries = 1
-        self.delivered_ms = delivered_ms
-        self.entry = entry
+class _Pending(msgspec.Struct, gc=False):
+    consumer: str
+    delivered_ms: int
+    entry: _Entry
+    deliveries: int = 1
 
 
 class _Group:

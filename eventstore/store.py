@@ -94,7 +94,7 @@ class Outcome(enum.StrEnum):
     MISMATCH = "mismatch"
 
 
-class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
+class AppendResult(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The outcome of one event of an append.
 
     ``seq``: the seq given (appended) or the original's seq (duplicate, mismatch); 0 on
@@ -108,7 +108,7 @@ class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
     current_seq: int = 0
 
 
-class AppendRequest(msgspec.Struct, frozen=True, kw_only=True):
+class AppendRequest(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One run's part of a batched append across runs."""
 
     run_id: str
@@ -116,7 +116,7 @@ class AppendRequest(msgspec.Struct, frozen=True, kw_only=True):
     expected_seq: int | None = None
 
 
-class Head(msgspec.Struct, frozen=True, kw_only=True):
+class Head(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Where a run's history stands: last seq, its entry id, status and chain hash."""
 
     run_id: str
@@ -127,7 +127,7 @@ class Head(msgspec.Struct, frozen=True, kw_only=True):
     mac: str = ""
 
 
-class Record(msgspec.Struct, frozen=True, kw_only=True):
+class Record(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One run stream entry as stored, for verification: ``raw`` is the envelope bytes,
     ``hash`` the chain hash (``h``), ``mac`` the keyed chain MAC (``m``, "" when none).
     ``seq`` is 0 when the entry's seq field is missing or not a number."""
@@ -139,7 +139,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     mac: str = ""
 
 
-class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+class Delivery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One feed entry handed to a consumer; ``deliveries`` counts this delivery."""
 
     envelope: Envelope
@@ -159,7 +159,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     raw: bytes
 
 
-class Timer(msgspec.Struct, frozen=True, kw_only=True):
+class Timer(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A wake-up for a run at ``due_ms`` (retry backoff, delay, step timeout)."""
 
     run_id: str
@@ -168,7 +168,7 @@ class Timer(msgspec.Struct, frozen=True, kw_only=True):
     payload: bytes = b""
 
 
-class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A run's state as of ``seq``, encoded by the projection that owns it."""
 
     run_id: str

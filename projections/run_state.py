@@ -87,7 +87,7 @@ ACTIVE: Final = frozenset({"scheduled", "running", "retry_wait"})
 _replace = msgspec.structs.replace
 
 
-class UnitState(msgspec.Struct, frozen=True, kw_only=True):
+class UnitState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One unit of a step's work and its current attempt.
 
     ``due_ms`` is the retry due time (``retry_wait``) or the timeout deadline (scheduled,
@@ -113,7 +113,7 @@ class UnitState(msgspec.Struct, frozen=True, kw_only=True):
     done: bool = False
 
 
-class StepState(msgspec.Struct, frozen=True, kw_only=True):
+class StepState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One step: status, result and its units.
 
     ``waiting`` counts unsettled dependencies; ``attempts`` every attempt scheduled for the step
@@ -144,7 +144,7 @@ class StepState(msgspec.Struct, frozen=True, kw_only=True):
     done_units: int = 0
 
 
-class RunState(msgspec.Struct, frozen=True, kw_only=True):
+class RunState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Everything known about one run as of event ``seq`` (see the module docstring)."""
 
     run_id: str

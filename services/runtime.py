@@ -10,6 +10,12 @@ allocated at start-up (modules, definitions) out of the collector's reach and co
 young generation every ``YOUNG_THRESHOLD`` allocations instead (the same tuning large Python
 services apply). Measured with ``flowlog bench e2e``: about a fifth more steps per second on
 the in-memory store.
+
+The values that pile up are kept out of the collector's reach altogether: events, their
+payloads, store results and deliveries, folded run states and the in-memory store's records
+are ``gc=False`` msgspec Structs (acyclic by construction), so a full collection does not grow
+with the log or the state cache (after 3,000 runs in memory: 464,503 tracked objects and a
+436 ms full collection before, 64,038 and 111 ms with them untracked).
 """
 
 from __future__ import annotations
