@@ -38,11 +38,13 @@ class Producer:
         event_id: str = "",
         causation_id: str = "",
         traceparent: str = "",
+        ts: int | None = None,
     ) -> Envelope:
+        """An event from this producer, stamped ``ts`` (default: the producer's clock now)."""
         return Envelope(
             event_id=event_id or new_event_id(),
             run_id=run_id,
-            ts=self.clock_ms(),
+            ts=self.clock_ms() if ts is None else ts,
             producer=self.name,
             data=data,
             causation_id=causation_id,

@@ -86,17 +86,25 @@ from services.workflow.model import StepDef, WorkflowDef
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
-    """Payloads to append in order, and when to decide again if nothing happens first."""
+    """Payloads to append in order, and when to decide again if nothing happens first.
+
+    ``state`` is the run's state with ``events`` folded in as events stamped ``now_ms`` (its
+    ``last_event_id`` is empty: the events have no ids yet). Appended with that timestamp and
+    no other event in between, they lead to exactly this state, apart from ``seq`` and
+    ``last_event_id``.
+    """
 
     events: list[EventData] = []
     wake_at_ms: int | None = None
+    state: RunState | None = None
 
 
 def decide(definition: WorkflowDef, state: RunState, now_ms: int) -> Decision:
     """The next decisions for ``state`` at ``now_ms`` (see the module docstring)."""
     if state.status in TERMINAL:
-        return Decision()
-    return _Decider(plan_for(definition), definition, state, now_ms).run()
+        return Decision(state=state)
+    decider = _Decider(plan_for(definition), definition, state, now_ms)
+    return msgspec.structs.replace(decider.run(), state=decider.state)
 
 
 class _Decider:

@@ -117,6 +117,7 @@ class SchedulerService:
             spans = self.tracer.decisions(GROUP, causes)
             now = self.clock_ms()
             requests: list[AppendRequest] = []
+            decided: dict[str, RunState] = {}
             wakes: dict[str, int | None] = {}
             for run_id, state in pending.items():
                 try:
@@ -126,7 +127,8 @@ class SchedulerService:
                     continue
                 decision = decide(definition, state, now)
                 wakes[run_id] = decision.wake_at_ms
-                if decision.events:
+                if decision.events and decision.state is not None:
+                    decided[run_id] = decision.state
                     traceparent = spans.start(run_id, definition.name, state.seq, decision.events)
                     requests.append(
                         AppendRequest(
@@ -140,6 +142,7 @@ class SchedulerService:
                                     ),
                                     causation_id=state.last_event_id,
                                     traceparent=traceparent,
+                                    ts=now,
                                 )
                                 for i, data in enumerate(decision.events)
                             ],
@@ -153,22 +156,15 @@ class SchedulerService:
             retry: dict[str, RunState] = {}
             for request, outcome in zip(requests, results, strict=True):
                 spans.end(request, outcome)
-                state = pending[request.run_id]
+                run_id = request.run_id
                 if _moved(outcome):
-                    reloaded = await self.loader.load(request.run_id)
+                    reloaded = await self.loader.load(run_id)
                     if reloaded is not None:
-                        retry[request.run_id] = reloaded
+                        retry[run_id] = reloaded
                     continue
-                passed = range(0)
-                for event, result in zip(request.events, outcome, strict=True):
-                    if result.outcome is Outcome.APPENDED:
-                        if result.seq > state.seq + 1:
-                            # Passive events (checkpoints) came after the decided-on seq.
-                            passed = range(state.seq + 1, result.seq)
-                        state = evolve(state, _with_seq(event, result.seq))
-                        _log_decision(event, result.seq)
-                # decide already folded these decisions in; when they come back through the feed
-                # the run is decided again (conflicted runs are retried below, reloaded).
+                state, passed = _after(pending[run_id], decided[run_id], request.events, outcome)
+                # When these decisions come back through the feed the run is decided again
+                # (conflicted runs are retried below, reloaded).
                 self.loader.remember(state, passed=passed)
             pending = retry
             causes = spans.next_causes()
@@ -249,5 +245,27 @@ def _moved(results: Sequence[AppendResult]) -> bool:
     return any(r.outcome in (Outcome.CONFLICT, Outcome.MISMATCH) for r in results)
 
 
-def _with_seq(event: Envelope, seq: int) -> Envelope:
-    return msgspec.structs.replace(event, seq=seq)
+def _after(
+    state: RunState,
+    decided: RunState,
+    events: Sequence[Envelope],
+    results: Sequence[AppendResult],
+) -> tuple[RunState, range]:
+    """The run's state once ``events`` (decided on ``state``, leading to ``decided``) were
+    appended with ``results``, and the seqs of passive events they were moved past."""
+    first = next((r.seq for r in results if r.outcome is Outcome.APPENDED), state.seq + 1)
+    # Passive events (checkpoints) may have come after the decided-on seq.
+    passed = range(state.seq + 1, first)
+    if all(r.outcome is Outcome.APPENDED for r in results):
+        # The events were stamped with the decision's time: they lead to ``decided``.
+        for event, result in zip(events, results, strict=True):
+            _log_decision(event, result.seq)
+        last = events[-1].event_id
+        return msgspec.structs.replace(decided, seq=results[-1].seq, last_event_id=last), passed
+    # Some were appended already (by another replica): fold in only the ones written here;
+    # the feed brings the others.
+    for event, result in zip(events, results, strict=True):
+        if result.outcome is Outcome.APPENDED:
+            state = evolve(state, msgspec.structs.replace(event, seq=result.seq))
+            _log_decision(event, result.seq)
+    return state, passed

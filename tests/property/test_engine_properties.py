@@ -152,6 +152,9 @@ class Simulation:
             self.add(data)
             if isinstance(data, StepScheduled):
                 self.work.append(data)
+        # The state a decision carries is the one its events lead to.
+        after = msgspec.structs.replace(self.state, last_event_id="") if decision.events else before
+        assert decision.state == after
         limit = self.definition.max_parallel
         assert limit is None or self.state.in_flight <= limit
         return bool(decision.events), decision.wake_at_ms
