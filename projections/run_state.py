@@ -709,12 +709,14 @@ def evolve(state: RunState | None, event: Envelope) -> RunState:
         state = RunState(run_id=event.run_id)
     elif event.seq <= state.seq or event.run_id != state.run_id:
         return state
-    n = _Next(state)
     kind = type(event.data)
-    if state.status not in TERMINAL or kind in _AFTER_FINISH:
-        _HANDLERS[kind](n, event.ts, event.data)
-    n.set(seq=event.seq, last_event_id=event.event_id, updated_ms=event.ts)
-    return n.build()
+    if state.status in TERMINAL and kind not in _AFTER_FINISH:
+        return _replace(state, seq=event.seq, last_event_id=event.event_id, updated_ms=event.ts)
+    n = _Next(state)
+    _HANDLERS[kind](n, event.ts, event.data)
+    return _replace(
+        state, **n.fields, seq=event.seq, last_event_id=event.event_id, updated_ms=event.ts
+    )
 
 
 def evolve_passed(state: RunState, event: Envelope) -> RunState:

@@ -42,7 +42,7 @@ async def test_the_log_and_run_states_are_out_of_the_cycle_collectors_reach() ->
         Producer("test").envelope(run_id, data)
         for data in (
             RunSubmitted(workflow="w", digest="d", definition="{}", inputs={"items": [1, 2]}),
-            RunStarted(plan={"a": []}),
+            RunStarted(plan={"a": ()}),
             StepScheduled(step="a", attempt=1, agent="echo", inputs={"value": [1]}),
         )
     ]
