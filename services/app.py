@@ -30,6 +30,7 @@ from services.observability.prometheus import ProcessMetrics
 from services.observability.tracing import flush_tracing
 from services.producer import Producer, default_instance
 from services.runner.service import RunnerService
+from services.runs import RunLoader
 from services.scheduler.service import SchedulerService
 from services.settings import Settings
 
@@ -50,11 +51,13 @@ def build_services(
 ) -> list[Service]:
     """The service objects for ``names``, wired to ``store`` and ``settings``."""
     instance = settings.instance or default_instance()
+    # Services in one process fold each run's events once, into one cache of run states.
+    loader = RunLoader(store)
     services: list[Service] = []
     for name in names:
         producer = Producer(name, instance)
         if name == "scheduler":
-            services.append(SchedulerService(store, producer, consumer=instance))
+            services.append(SchedulerService(store, producer, consumer=instance, loader=loader))
         elif name == "runner":
             services.append(
                 RunnerService(
@@ -79,6 +82,7 @@ def build_services(
                     interval_s=settings.checkpoint.interval_s,
                     retention_interval_s=settings.checkpoint.retention_interval_s or None,
                     archive_dir=settings.checkpoint.archive_dir,
+                    loader=loader,
                 )
             )
         elif name == "metrics":

@@ -21,6 +21,12 @@ claimed from a live checkpointer): a stopping checkpointer writes what is due fi
 that dies leaves them pending, to be folded again, and the snapshot made due again, by its
 successor.
 
+Given the scheduler's :class:`~services.runs.RunLoader` (services in one process, ``flowlog
+up``), it folds only the events the scheduler has not folded yet, and a snapshot may cover
+events its own feed has not delivered yet: still the whole state at its seq (a state with a
+passive event moved past unseen is not used). Finished runs are then left to the shared
+cache's LRU rather than forgotten.
+
 Every ``retention_interval_s`` (None: never) it also runs feed retention
 (:func:`services.retention.run_retention`: archive what is about to go to gzipped JSON lines
 in ``archive_dir`` when one is set, then trim below ``now - retention``, never past what a
@@ -77,6 +83,7 @@ class Checkpointer:
         metrics: ProcessMetrics | None = None,
         clock_ms: Callable[[], int] = now_ms,
         interval_s: float = 1.0,
+        loader: RunLoader | None = None,
     ) -> None:
         self.store = store
         self.producer = producer
@@ -97,7 +104,9 @@ class Checkpointer:
         self.interval_s = interval_s
         self.handled_entries = 0
         self._progress = anyio.Event()
-        self.loader = RunLoader(store)
+        self.loader = loader or RunLoader(store)
+        # A loader shared with other services keeps finished runs until its LRU drops them.
+        self._forgets = loader is None
         self.snapshots = 0
         self.retention_passes = 0
         self._retained = anyio.Event()
@@ -275,9 +284,10 @@ class Checkpointer:
                 for state in states
             ]
         )
-        for state in states:
-            if state.status in TERMINAL_STATUSES:
-                self.loader.forget(state.run_id)
+        if self._forgets:
+            for state in states:
+                if state.status in TERMINAL_STATUSES:
+                    self.loader.forget(state.run_id)
 
 
 class _Due:

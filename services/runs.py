@@ -47,7 +47,12 @@ def state_from_snapshot(snapshot: Snapshot) -> RunState | None:
 
 
 class RunLoader:
-    """Loads run states and their definitions, keeping a bounded LRU cache of both."""
+    """Loads run states and their definitions, keeping a bounded LRU cache of both.
+
+    Services in one process (``flowlog up``) share one loader: whichever gets a run's events
+    first folds them, and the others find the state ahead of their feed (``events_folded``
+    counts the events folded, ``events_read`` those read from the store to do it).
+    """
 
     def __init__(self, store: EventStore, *, cache_size: int = 10_000) -> None:
         self.store = store
@@ -56,6 +61,7 @@ class RunLoader:
         self._holes: dict[str, set[int]] = {}
         self._definitions: dict[str, WorkflowDef] = {}
         self.events_read = 0
+        self.events_folded = 0
 
     def remember(self, state: RunState, *, passed: range = range(0)) -> None:
         """Cache ``state``; ``passed``: seqs of passive events it was moved past unseen."""
@@ -69,7 +75,10 @@ class RunLoader:
             self._holes.pop(evicted, None)
 
     def cached(self, run_id: str) -> RunState | None:
-        """The run's cached state, if it is in the cache."""
+        """The run's cached state, if it is in the cache and has every event up to its seq
+        folded in (no passive event was moved past unseen)."""
+        if run_id in self._holes:
+            return None
         return self._states.get(run_id)
 
     def forget(self, run_id: str) -> None:
@@ -88,6 +97,7 @@ class RunLoader:
         after = state.seq if state is not None else 0
         async for event in self.store.read_run(run_id, after_seq=after):
             self.events_read += 1
+            self.events_folded += 1
             state = evolve(state, event)
         if state is not None:
             self.remember(state)
@@ -104,10 +114,12 @@ class RunLoader:
         holes = self._holes.get(run_id)
         for event in events:
             if state is None or event.seq == state.seq + 1:
+                self.events_folded += 1
                 state = evolve(state, event)
             elif event.seq > state.seq + 1:
                 return await self.load(run_id)
             elif holes and event.seq in holes:
+                self.events_folded += 1
                 state = evolve_passed(state, event)
                 holes.discard(event.seq)
         if holes is not None and not holes:

@@ -55,6 +55,7 @@ class SchedulerService:
         block_ms: int = 500,
         timer_poll_s: float = 0.05,
         tracer_provider: TracerProvider | None = None,
+        loader: RunLoader | None = None,
     ) -> None:
         self.store = store
         self.producer = producer
@@ -63,7 +64,7 @@ class SchedulerService:
         self.batch = batch
         self.block_ms = block_ms
         self.timer_poll_s = timer_poll_s
-        self.loader = RunLoader(store)
+        self.loader = loader or RunLoader(store)
         self.tracer = RunTracer(store.config, tracer_provider)
         self._stop = anyio.Event()
         self._armed: dict[str, int] = {}
