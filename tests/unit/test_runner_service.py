@@ -8,14 +8,21 @@ from collections.abc import Sequence
 
 import anyio
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
 from eventstore.events import Envelope, StepCacheHit, StepFailed, StepStarted, StepSucceeded
 from eventstore.memory import MemoryStore, MemorySubscription
 from eventstore.store import AppendRequest, AppendResult, Delivery
 from services import commands
+from services.agents.resilience import AgentExecutor
 from services.app import running
+from services.observability.tracing import format_traceparent
 from services.producer import Producer
-from services.runner.service import group_for
+from services.runner.service import RunnerService, group_for
+from services.scheduler.service import SchedulerService
 from services.settings import Settings
 from services.workflow.loader import parse_definition
 
@@ -187,3 +194,50 @@ async def test_steps_waiting_for_a_worker_are_heartbeated() -> None:
         assert await _step_status(store, run.run_id, "next") == "scheduled"
         await commands.cancel(store, producer, run.run_id)
         assert (await commands.wait(store, run.run_id, timeout_s=30)).status == "cancelled"
+
+
+async def test_inline_steps_and_cache_hits_get_the_same_step_spans_as_worker_steps() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    store = MemoryStore()
+    settings = Settings(redis_url=None, http_port=0)
+    scheduler = SchedulerService(store, Producer("scheduler"), consumer="s")
+    runner = RunnerService(
+        store,
+        Producer("runner"),
+        AgentExecutor.from_settings(settings.runner),
+        consumer="r",
+        tracer_provider=provider,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(scheduler.run)
+        await tg.start(runner.run)
+        run = await commands.submit(store, Producer("test"), DEFINITION)
+        state = await commands.wait(store, run.run_id, timeout_s=30)
+        runner.stop()
+        scheduler.stop()
+    assert state.status == "completed"
+    history = [e async for e in store.read_run(run.run_id)]
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    for step, agent, extra in (
+        ("first", "echo", {"flowlog.cached": False}),
+        ("again", "echo", {"flowlog.cache_hit": True}),
+        ("waits", "sleep", {"flowlog.cached": False}),
+        ("bad", "echo", {"error.type": "AgentInputError"}),
+    ):
+        span = spans[f"step {step}"]
+        assert span.kind is SpanKind.CONSUMER
+        assert span.attributes is not None
+        expected = {"flowlog.step": step, "flowlog.agent": agent, "flowlog.attempt": 1, **extra}
+        assert {key: span.attributes.get(key) for key in expected} == expected
+        # Every fact of the attempt carries the step span as its parent.
+        facts = _facts(history, step)
+        assert facts
+        context = span.get_span_context()
+        assert context is not None
+        for fact in facts:
+            assert fact.traceparent == format_traceparent(context)
+    assert spans["step bad"].status.status_code is StatusCode.ERROR
+    provider.shutdown()
+    await store.close()
