@@ -254,19 +254,21 @@ def _after(
 ) -> tuple[RunState, range]:
     """The run's state once ``events`` (decided on ``state``, leading to ``decided``) were
     appended with ``results``, and the seqs of passive events they were moved past."""
-    first = next((r.seq for r in results if r.outcome is Outcome.APPENDED), state.seq + 1)
+    appended = [
+        (event, result)
+        for event, result in zip(events, results, strict=True)
+        if result.outcome is Outcome.APPENDED
+    ]
+    for event, result in appended:
+        _log_decision(event, result.seq)
     # Passive events (checkpoints) may have come after the decided-on seq.
-    passed = range(state.seq + 1, first)
-    if all(r.outcome is Outcome.APPENDED for r in results):
+    passed = range(state.seq + 1, appended[0][1].seq if appended else state.seq + 1)
+    if len(appended) == len(events):
         # The events were stamped with the decision's time: they lead to ``decided``.
-        for event, result in zip(events, results, strict=True):
-            _log_decision(event, result.seq)
         last = events[-1].event_id
         return msgspec.structs.replace(decided, seq=results[-1].seq, last_event_id=last), passed
     # Some were appended already (by another replica): fold in only the ones written here;
     # the feed brings the others.
-    for event, result in zip(events, results, strict=True):
-        if result.outcome is Outcome.APPENDED:
-            state = evolve(state, msgspec.structs.replace(event, seq=result.seq))
-            _log_decision(event, result.seq)
+    for event, result in appended:
+        state = evolve(state, msgspec.structs.replace(event, seq=result.seq))
     return state, passed
