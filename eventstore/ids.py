@@ -19,5 +19,5 @@ def derived_event_id(*parts: str | int) -> str:
     event id from what identifies the action, so the store's dedup turns the repeat into a
     reported ``duplicate`` instead of a second event.
     """
-    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=16)
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=16)
     return digest.hexdigest()

@@ -359,7 +359,7 @@ def _log_outcome(event: Envelope) -> None:
     """One line for the recorded outcome of a step attempt (none for a cache hit), naming the
     trace of the step from the event (an inline step's span has ended by now)."""
     outcome = event.data
-    if not isinstance(outcome, StepSucceeded | StepFailed):
+    if not isinstance(outcome, StepSucceeded | StepFailed) or not log.isEnabledFor(logging.INFO):
         return
     log.info(
         "step %s",

@@ -10,6 +10,11 @@ event and the store reports the second as a duplicate. Any number of replicas is
 
 Retry backoff and step timeouts are wake-up timers in the store (one per run, ``wake``): when a
 timer is due the run is decided again with the current time.
+
+A decision settles its run: deciding again on the state it leads to decides nothing, unless a
+timer of that state is already due (a retry without delay). So when the feed brings back only
+events this replica decided (or a state it already decided on), nothing is decided again; the
+replica remembers, per run, the state it last decided on or led to.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from eventstore.errors import StoreUnavailable
 from eventstore.events import Envelope
 from eventstore.ids import derived_event_id
 from eventstore.store import AppendRequest, AppendResult, Delivery, EventStore, Outcome, Timer
-from projections.run_state import RunState, evolve
+from projections.run_state import TERMINAL, RunState, evolve
 from services.observability.logs import trace_field
 from services.observability.tracing import Cause, RunTracer
 from services.producer import Producer, now_ms
@@ -68,6 +73,7 @@ class SchedulerService:
         self.tracer = RunTracer(store.config, tracer_provider)
         self._stop = anyio.Event()
         self._armed: dict[str, int] = {}
+        self._settled: dict[str, RunState] = {}
 
     def stop(self) -> None:
         """Stop reading; the batch in hand is finished and acknowledged."""
@@ -102,7 +108,11 @@ class SchedulerService:
         for run_id, events in by_run.items():
             state = await self.loader.advance(run_id, events)
             # A checkpoint changes nothing a decision depends on: only keep the state current.
-            if state is not None and any(e.type != "checkpoint_taken" for e in events):
+            if (
+                state is not None
+                and state is not self._settled.get(run_id)
+                and any(e.type != "checkpoint_taken" for e in events)
+            ):
                 states[run_id] = state
         await self._decide_and_append(states, causes=by_run)
 
@@ -128,6 +138,8 @@ class SchedulerService:
                     continue
                 decision = decide(definition, state, now)
                 wakes[run_id] = decision.wake_at_ms
+                if not decision.events:
+                    self._settle(state, now)
                 if decision.events and decision.state is not None:
                     decided[run_id] = decision.state
                     traceparent = spans.start(run_id, definition.name, state.seq, decision.events)
@@ -163,13 +175,30 @@ class SchedulerService:
                     if reloaded is not None:
                         retry[run_id] = reloaded
                     continue
-                state, passed = _after(pending[run_id], decided[run_id], request.events, outcome)
-                # When these decisions come back through the feed the run is decided again
-                # (conflicted runs are retried below, reloaded).
+                state, passed, whole = _after(
+                    pending[run_id], decided[run_id], request.events, outcome
+                )
                 self.loader.remember(state, passed=passed)
+                # Decisions that all went in settle the run: when they come back through the
+                # feed nothing is decided again. Otherwise the feed brings what another
+                # replica appended, and the run is decided again (conflicted runs are retried
+                # below, reloaded).
+                if whole:
+                    self._settle(state, now)
             pending = retry
             causes = spans.next_causes()
         log.warning("decisions still moving after %d rounds", MAX_REDECIDE)
+
+    def _settle(self, state: RunState, now: int) -> None:
+        """Remember that deciding on ``state`` at ``now`` or later gives nothing new, unless a
+        timer of it is due already (see the module docstring); finished runs are dropped."""
+        run_id = state.run_id
+        self._settled.pop(run_id, None)
+        if state.status in TERMINAL or any(due <= now for due, _, _ in state.timers):
+            return
+        self._settled[run_id] = state
+        if len(self._settled) > self.loader.cache_size:
+            del self._settled[next(iter(self._settled))]
 
     async def _arm_timers(
         self,
@@ -251,9 +280,10 @@ def _after(
     decided: RunState,
     events: Sequence[Envelope],
     results: Sequence[AppendResult],
-) -> tuple[RunState, range]:
+) -> tuple[RunState, range, bool]:
     """The run's state once ``events`` (decided on ``state``, leading to ``decided``) were
-    appended with ``results``, and the seqs of passive events they were moved past."""
+    appended with ``results``, the seqs of passive events they were moved past, and whether
+    every one of them was appended here."""
     appended = [
         (event, result)
         for event, result in zip(events, results, strict=True)
@@ -266,9 +296,10 @@ def _after(
     if len(appended) == len(events):
         # The events were stamped with the decision's time: they lead to ``decided``.
         last = events[-1].event_id
-        return msgspec.structs.replace(decided, seq=results[-1].seq, last_event_id=last), passed
+        state = msgspec.structs.replace(decided, seq=results[-1].seq, last_event_id=last)
+        return state, passed, True
     # Some were appended already (by another replica): fold in only the ones written here;
     # the feed brings the others.
     for event, result in appended:
         state = evolve(state, msgspec.structs.replace(event, seq=result.seq))
-    return state, passed
+    return state, passed, False

@@ -155,6 +155,11 @@ class Simulation:
         # The state a decision carries is the one its events lead to.
         after = msgspec.structs.replace(self.state, last_event_id="") if decision.events else before
         assert decision.state == after
+        # A decision settles the run: deciding again on the state it leads to, at the same
+        # time, decides nothing, unless a timer of that state is already due (the scheduler
+        # relies on this to skip its own decisions when the feed brings them back).
+        if decision.events and not any(due <= self.now for due, _, _ in after.timers):
+            assert decide(self.definition, after, self.now).events == []
         limit = self.definition.max_parallel
         assert limit is None or self.state.in_flight <= limit
         return bool(decision.events), decision.wake_at_ms

@@ -1,25 +1,33 @@
 """The scheduler service against the memory store: a checkpoint appended while it decides does
-not make it decide again, and its cached state stays equal to a full replay."""
+not make it decide again, and its cached state stays equal to a full replay; its own decisions
+coming back through the feed are not decided again, unless a retry in them is due at once."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import pytest
 
 from eventstore.events import (
     CheckpointTaken,
     Envelope,
+    ErrorInfo,
     EventData,
+    StepFailed,
     StepScheduled,
     StepStarted,
     StepSucceeded,
 )
 from eventstore.memory import MemoryStore
 from eventstore.store import Subscription
-from projections.run_state import replay
+from projections.run_state import RunState, replay
 from services import commands
 from services.producer import Producer
+from services.scheduler import service as scheduler_service
+from services.scheduler.decide import Decision, decide
 from services.scheduler.service import GROUP, SchedulerService
 from services.workflow.loader import parse_definition
+from services.workflow.model import WorkflowDef
 
 pytestmark = pytest.mark.anyio
 
@@ -40,26 +48,58 @@ async def deliver(
     await subscription.ack(deliveries)
 
 
-async def test_a_checkpoint_between_fact_and_decision_causes_no_reload() -> None:
+def counting_decide(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the run of every decision the scheduler service makes."""
+    decided: list[str] = []
+
+    def spy(definition: WorkflowDef, state: RunState, now_ms: int) -> Decision:
+        decided.append(state.run_id)
+        return decide(definition, state, now_ms)
+
+    monkeypatch.setattr(scheduler_service, "decide", spy)
+    return decided
+
+
+def finished(run_id: str, scheduled: Envelope, producer: Producer) -> list[Envelope]:
+    """A runner's start and success of the attempt ``scheduled`` schedules."""
+    s = scheduled.data
+    assert isinstance(s, StepScheduled)
+    key = s.idempotency_key
+    facts: list[EventData] = [
+        StepStarted(step=s.step, attempt=s.attempt, agent=s.agent, runner="r", idempotency_key=key),
+        StepSucceeded(
+            step=s.step, attempt=s.attempt, agent=s.agent, output=None, idempotency_key=key
+        ),
+    ]
+    return [producer.envelope(run_id, fact) for fact in facts]
+
+
+class Submitted(NamedTuple):
+    store: MemoryStore
+    producer: Producer
+    scheduler: SchedulerService
+    subscription: Subscription
+    run_id: str
+
+
+async def submitted(definition: WorkflowDef) -> Submitted:
+    """A memory store with a run of ``definition`` submitted and one scheduler replica."""
     store = MemoryStore()
     producer = Producer("test")
     scheduler = SchedulerService(store, producer, consumer="s1")
     subscription = await store.subscribe(GROUP, "s1")
-    run = await commands.submit(store, producer, CHAIN)
-    run_id = run.run_id
+    run = await commands.submit(store, producer, definition)
+    return Submitted(store, producer, scheduler, subscription, run.run_id)
+
+
+async def test_a_checkpoint_between_fact_and_decision_causes_no_reload() -> None:
+    store, producer, scheduler, subscription, run_id = await submitted(CHAIN)
 
     await deliver(scheduler, subscription)
     history = [e async for e in store.read_run(run_id)]
     assert [e.type for e in history] == ["run_submitted", "run_started", "step_scheduled"]
 
-    scheduled = history[-1].data
-    assert isinstance(scheduled, StepScheduled)
-    key = scheduled.idempotency_key
-    facts: list[EventData] = [
-        StepStarted(step="a", attempt=1, agent="noop", runner="r", idempotency_key=key),
-        StepSucceeded(step="a", attempt=1, agent="noop", output=None, idempotency_key=key),
-    ]
-    await store.append(run_id, [producer.envelope(run_id, data) for data in facts])
+    await store.append(run_id, finished(run_id, history[-1], producer))
     # The checkpointer records a checkpoint of seq 5 while the scheduler decides on seq 5.
     checkpoint = CheckpointTaken(covered_seq=5, snapshot_key=f"snap:{run_id}")
     await deliver(scheduler, subscription, meanwhile=producer.envelope(run_id, checkpoint))
@@ -74,4 +114,57 @@ async def test_a_checkpoint_between_fact_and_decision_causes_no_reload() -> None
     assert cached == replay(history)
     assert cached is not None
     assert cached.checkpoint_seq == 5
+    await store.close()
+
+
+async def test_own_decisions_coming_back_are_not_decided_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decided = counting_decide(monkeypatch)
+    store, producer, scheduler, subscription, run_id = await submitted(CHAIN)
+
+    await deliver(scheduler, subscription)
+    assert decided == [run_id]
+    # The feed brings back run_started and step_scheduled, which this replica decided.
+    await deliver(scheduler, subscription)
+    assert decided == [run_id]
+
+    history = [e async for e in store.read_run(run_id)]
+    await store.append(run_id, finished(run_id, history[-1], producer))
+    await deliver(scheduler, subscription)
+    assert decided == [run_id, run_id]
+    assert [e.type async for e in store.read_run(run_id)][-1] == "step_scheduled"
+
+    # Another replica gets the decisions this one appended: it has not decided them.
+    other = SchedulerService(store, producer, consumer="s2")
+    await other.handle(await subscription.fetch(100, block_ms=0))
+    assert decided == [run_id, run_id, run_id]
+    await store.close()
+
+
+async def test_a_retry_due_at_once_is_scheduled_when_its_decision_comes_back() -> None:
+    flaky = parse_definition(
+        "name: retry-now\nsteps:\n"
+        "  - {id: a, agent: noop, retry: {max_attempts: 2, initial_delay: 0, jitter: 0}}\n"
+    )
+    store, producer, scheduler, subscription, run_id = await submitted(flaky)
+    await deliver(scheduler, subscription)
+    scheduled = [e async for e in store.read_run(run_id)][-1].data
+    assert isinstance(scheduled, StepScheduled)
+    failed = StepFailed(
+        step="a",
+        attempt=1,
+        agent="noop",
+        error=ErrorInfo(type="Boom", message="boom", retryable=True),
+        idempotency_key=scheduled.idempotency_key,
+    )
+    await store.append(run_id, [producer.envelope(run_id, failed)])
+    await deliver(scheduler, subscription)
+    assert [e.type async for e in store.read_run(run_id)][-1] == "step_retry_scheduled"
+
+    # No timer fires here: the retry's own decision, coming back, schedules attempt 2.
+    await deliver(scheduler, subscription)
+    last = [e async for e in store.read_run(run_id)][-1].data
+    assert isinstance(last, StepScheduled)
+    assert last.attempt == 2
     await store.close()
