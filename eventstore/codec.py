@@ -113,6 +113,16 @@ def chain_hash(previous: str, seq: int, raw: bytes) -> str:
     ).hexdigest()
 
 
+class _StoredPayload(msgspec.Struct):
+    """What :func:`payload_digest` covers, read from stored bytes without decoding the data."""
+
+    run_id: str
+    data: msgspec.Raw
+
+
+_PAYLOAD_DECODER: Final = msgspec.msgpack.Decoder(_StoredPayload)
+
+
 def payload_digest(envelope: Envelope) -> str:
     """Digest of what makes two events with one event id "the same": run and payload.
 
@@ -121,4 +131,13 @@ def payload_digest(envelope: Envelope) -> str:
     """
     digest = hashlib.blake2b(envelope.run_id.encode(), digest_size=16)
     digest.update(_MSGPACK_ENCODER.encode(envelope.data))
+    return digest.hexdigest()
+
+
+def stored_payload_digest(raw: bytes) -> str:
+    """:func:`payload_digest` of the envelope stored as ``raw`` (:func:`encode` bytes), from its
+    bytes: the payload is hashed as it was encoded, not decoded and encoded again."""
+    stored = _PAYLOAD_DECODER.decode(raw)
+    digest = hashlib.blake2b(stored.run_id.encode(), digest_size=16)
+    digest.update(stored.data)
     return digest.hexdigest()

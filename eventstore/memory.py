@@ -80,6 +80,8 @@ class _Entry(msgspec.Struct, gc=False):
     hash: str = ""
     mac: str = ""
     envelope: Envelope | None = None
+    #: The entry's first delivery to a group, the same for every group (made once).
+    first: Delivery | None = None
 
     def decoded(self, where: str) -> Envelope:
         """The entry's envelope; raises :class:`DecodeError` naming ``where``."""
@@ -104,9 +106,10 @@ class _Run:
 
 
 class _Dedup(msgspec.Struct, gc=False):
-    entry_id: str
-    seq: int
-    digest: str
+    """A dedup record: the entry an event id was first written as. The payload digest a repeat
+    is compared with is computed from the entry's bytes only when a repeat comes."""
+
+    entry: _Entry
     expires_at: int
 
 
@@ -324,11 +327,16 @@ class MemorySubscription:
         stop = min(feed.end, start + room)
         if start >= stop:
             return
+        consumer, pendings, idle = self._consumer, group.pending, group.idle
         for entry in feed.entries[start - feed.offset : stop - feed.offset]:
-            pending = _Pending(self._consumer, now, entry)
-            group.pending[entry.entry_id] = pending
-            group.idle[entry.entry_id] = pending
-            self._hand(group, pending, out)
+            pending = _Pending(consumer, now, entry)
+            pendings[entry.entry_id] = pending
+            idle[entry.entry_id] = pending
+            first = entry.first
+            if first is None:
+                self._hand(group, pending, out)
+            else:
+                out.append(first)
         group.cursor = stop
         group.last_key = feed.entries[stop - 1 - feed.offset].key
 
@@ -342,14 +350,15 @@ class MemorySubscription:
         except DecodeError as exc:
             self._store._dead_letter(group, pending, f"{REASON_UNDECODABLE}: {exc}")
             return
-        out.append(
-            Delivery(
-                envelope=envelope,
-                partition=group.partition,
-                entry_id=entry.entry_id,
-                deliveries=pending.deliveries,
-            )
+        delivery = Delivery(
+            envelope=envelope,
+            partition=group.partition,
+            entry_id=entry.entry_id,
+            deliveries=pending.deliveries,
         )
+        if pending.deliveries == 1:
+            entry.first = delivery
+        out.append(delivery)
 
 
 class MemoryStore:
@@ -449,38 +458,40 @@ class MemoryStore:
         current = len(run.entries) if run is not None else 0
         ver = run.ver if run is not None else 0
         results: list[AppendResult | None] = [None] * len(prepared)
-        fresh: list[tuple[int, Envelope, bytes, str]] = []
-        first_in_batch: dict[str, tuple[int, str]] = {}
-        repeats: list[tuple[int, int, bool]] = []
+        fresh: list[tuple[int, Envelope, bytes]] = []
+        first_in_batch: dict[str, int] = {}
+        repeats: list[tuple[int, int]] = []
         for index, (envelope, raw) in enumerate(prepared):
             event_id = envelope.event_id
-            digest = codec.payload_digest(envelope)
             known = dedup.get(event_id)
             if known is not None and known.expires_at > now:
-                outcome = Outcome.DUPLICATE if known.digest == digest else Outcome.MISMATCH
+                entry = known.entry
+                same = codec.stored_payload_digest(entry.raw) == codec.stored_payload_digest(raw)
                 results[index] = AppendResult(
-                    event_id=event_id, outcome=outcome, seq=known.seq, entry_id=known.entry_id
+                    event_id=event_id,
+                    outcome=Outcome.DUPLICATE if same else Outcome.MISMATCH,
+                    seq=entry.seq,
+                    entry_id=entry.entry_id,
                 )
             elif event_id in first_in_batch:
-                first, first_digest = first_in_batch[event_id]
-                repeats.append((index, first, first_digest == digest))
+                repeats.append((index, first_in_batch[event_id]))
             else:
-                first_in_batch[event_id] = (index, digest)
-                fresh.append((index, envelope, raw, digest))
+                first_in_batch[event_id] = index
+                fresh.append((index, envelope, raw))
         if fresh and expected_seq is not None and not ver <= expected_seq <= current:
-            for index, envelope, _, _ in fresh:
+            for index, envelope, _ in fresh:
                 results[index] = AppendResult(
                     event_id=envelope.event_id, outcome=Outcome.CONFLICT, current_seq=current
                 )
         elif fresh:
             if run is None:
                 run = self._runs[run_id] = _Run()
-            written = self._write(run_id, run, partition, fresh, now)
-            for (index, _, _, _), result in zip(fresh, written, strict=True):
-                results[index] = result
-        for index, first, same in repeats:
+            self._write(run_id, run, partition, fresh, now, results)
+        for index, first in repeats:
             original = results[first]
             assert original is not None
+            raw, first_raw = prepared[index][1], prepared[first][1]
+            same = codec.stored_payload_digest(raw) == codec.stored_payload_digest(first_raw)
             if original.outcome is Outcome.APPENDED:
                 outcome = Outcome.DUPLICATE if same else Outcome.MISMATCH
             else:
@@ -495,24 +506,31 @@ class MemoryStore:
         run_id: str,
         run: _Run,
         partition: int,
-        fresh: list[tuple[int, Envelope, bytes, str]],
+        fresh: list[tuple[int, Envelope, bytes]],
         now: int,
-    ) -> list[AppendResult]:
+        results: list[AppendResult | None],
+    ) -> None:
+        """Write the ``fresh`` events, putting each one's result at its index in ``results``."""
         feed = self._feeds[partition]
         dedup = self._dedup[partition]
         dedup_expires = now + self.config.dedup_ttl_ms
+        expiry = self._dedup_expiry
         key = self.config.audit_key
-        written = []
-        for _, envelope, raw, digest in fresh:
-            seq = len(run.entries) + 1
+        entries = run.entries
+        for index, envelope, raw in fresh:
+            seq = len(entries) + 1
             entry = feed.add(now, seq, raw)
-            entry.envelope = codec.decode(raw, seq=seq, where=f"run {run_id} seq {seq}")
-            run.entries.append(entry)
+            try:
+                entry.envelope = codec.decode(raw, seq=seq)
+            except DecodeError as exc:
+                raise DecodeError(f"run {run_id} seq {seq}: {exc}") from exc
+            entries.append(entry)
             run.hash = entry.hash = codec.chain_hash(run.hash, seq, raw)
             if key:
                 run.mac = entry.mac = chain_mac(key, run.mac, seq, content_digest(raw))
-            dedup[envelope.event_id] = _Dedup(entry.entry_id, seq, digest, dedup_expires)
-            self._dedup_expiry.append((dedup_expires, partition, envelope.event_id))
+            event_id = envelope.event_id
+            dedup[event_id] = _Dedup(entry, dedup_expires)
+            expiry.append((dedup_expires, partition, event_id))
             event_type = envelope.type
             if event_type not in PASSIVE_EVENT_TYPES:
                 run.ver = seq
@@ -524,15 +542,9 @@ class MemoryStore:
                     heapq.heappush(self._run_expiry, (run.expires_at, run_id))
                 else:
                     run.expires_at = None
-            written.append(
-                AppendResult(
-                    event_id=envelope.event_id,
-                    outcome=Outcome.APPENDED,
-                    seq=seq,
-                    entry_id=entry.entry_id,
-                )
+            results[index] = AppendResult(
+                event_id=event_id, outcome=Outcome.APPENDED, seq=seq, entry_id=entry.entry_id
             )
-        return written
 
     # --- runs ---------------------------------------------------------------------------------
 

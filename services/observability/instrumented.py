@@ -32,8 +32,7 @@ class InstrumentedStore(StoreWrapper):
 
     async def append_many(self, requests: Sequence[AppendRequest]) -> list[list[AppendResult]]:
         results = await self.inner.append_many(requests)
-        for per_request in results:
-            self.metrics.count_appends(per_request)
+        self.metrics.count_appends(result for per_request in results for result in per_request)
         return results
 
     async def due_timers(

@@ -70,9 +70,9 @@ class ProcessMetrics:
         )
 
     def count_appends(self, results: Iterable[AppendResult]) -> None:
-        """Count the outcome of every event of an append."""
-        for result in results:
-            self._appends_by_outcome[result.outcome].inc()
+        """Count the outcome of every event of an append (one increment per outcome seen)."""
+        for outcome, count in Tally(result.outcome for result in results).items():
+            self._appends_by_outcome[outcome].inc(count)
 
     def count_trim(self, report: TrimReport) -> None:
         """Count the entries a (not dry-run) trim removed."""

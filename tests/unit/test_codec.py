@@ -179,6 +179,17 @@ def test_payload_digest_ignores_time_producer_and_trace_but_not_data() -> None:
     assert codec.payload_digest(example(run_id="run-2")) != codec.payload_digest(original)
 
 
+@pytest.mark.parametrize("event_type", sorted(EVENT_TYPES))
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_the_payload_digest_of_stored_bytes_is_the_envelopes(
+    event_type: str, data: st.DataObject
+) -> None:
+    envelope = data.draw(envelopes(event_type))
+    stored = codec.encode(msgspec.structs.replace(envelope, seq=0))
+    assert codec.stored_payload_digest(stored) == codec.payload_digest(envelope)
+
+
 def test_chain_hash_links_each_entry_to_the_previous() -> None:
     first = codec.chain_hash("", 1, b"abc")
     abc, def_ = (hashlib.sha1(raw).hexdigest().encode() for raw in (b"abc", b"def"))
