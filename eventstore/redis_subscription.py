@@ -32,7 +32,7 @@ from eventstore.errors import DecodeError, StoreClosed, StoreUnavailable
 from eventstore.events import Envelope
 from eventstore.keys import Keys
 from eventstore.redis_append import entry_payload
-from eventstore.redis_conn import Key, LuaScript, command, translate_errors
+from eventstore.redis_conn import Key, LuaScript, run_commands, translate_errors
 from eventstore.store import REASON_MAX_DELIVERIES, REASON_UNDECODABLE, Delivery, StoreConfig
 
 _PENDING_PAGE: Final = 1000
@@ -253,15 +253,11 @@ class RedisSubscription:
             args += ["BLOCK", block_ms]
         args += ["STREAMS", *self._feeds, *[">"] * len(self._feeds)]
         client = self._blocking if block_ms > 0 else self._client
-        read: Awaitable[Any]
-        if acks:
-            pipe = client.pipeline(transaction=False)
-            for partition, ids in acks.items():
-                pipe.execute_command("XACK", self._feeds[partition], self._group, *ids)
-            pipe.execute_command(*args)
-            read = _last(pipe.execute())
-        else:
-            read = command(client, *args)
+        commands: list[list[Any]] = [
+            ["XACK", self._feeds[partition], self._group, *ids] for partition, ids in acks.items()
+        ]
+        commands.append(args)
+        read = _last(run_commands(client, commands))
         reply = await (self._blocking_read(read, block_ms) if block_ms > 0 else read)
         for feed, entries in reply or ():
             partition = self._partition_of[feed]

@@ -6,6 +6,7 @@ the tests that kill it); stores use a fresh key prefix each.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar
 
@@ -13,13 +14,14 @@ import anyio
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 from support.redis_server import RedisServer, admin_client, age_pending, isolated
 
 from eventstore import codec
 from eventstore.errors import StoreUnavailable
 from eventstore.events import RunCompleted, RunRetryRequested
 from eventstore.keys import Keys
-from eventstore.redis_conn import Arg, command, redact_url
+from eventstore.redis_conn import Arg, command, redact_url, run_commands
 from eventstore.redis_store import RedisStore
 from eventstore.store import (
     AppendRequest,
@@ -287,6 +289,26 @@ class TestRedisBackend(RedisHarness):
         await store.close()
         assert await client.ping()
         await client.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_run_commands_reads_every_reply_and_raises_the_first_error(
+    redis_server: RedisServer,
+) -> None:
+    client = aioredis.Redis.from_url(redis_server.url, protocol=2)
+    key = f"run-commands-{uuid.uuid4().hex}"
+    assert await run_commands(client, [["SET", key, 1], ["INCRBY", key, 41], ["GET", key]]) == [
+        b"OK",
+        42,
+        b"42",
+    ]
+    # The error comes after every reply is read: the commands after it ran, and the
+    # connection goes back to the pool in step with the server.
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await run_commands(client, [["LPUSH", key, "x"], ["INCR", key], ["HGET", key, "f"]])
+    assert await run_commands(client, [["GET", key], ["DEL", key]]) == [b"43", 1]
+    await client.aclose()
 
 
 def test_redact_url_hides_the_password_only() -> None:
