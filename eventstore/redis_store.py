@@ -34,6 +34,7 @@ from eventstore.redis_conn import (
     describe_pool,
     raw_client,
     redact_url,
+    run_commands,
     translate_errors,
 )
 from eventstore.redis_feeds import FeedMaintenance
@@ -293,13 +294,15 @@ class RedisStore:
             return []
         partitions = range(self._keys.partitions)
         with translate_errors(self._url):
-            pipe = self._raw.pipeline(transaction=False)
-            for partition in partitions:
-                pipe.execute_command(
-                    "ZRANGE", self._keys.timers(partition), "-inf", now_ms,
-                    "BYSCORE", "LIMIT", 0, limit, "WITHSCORES",
-                )  # fmt: skip
-            listed = await pipe.execute()
+            # Polled every few tens of ms by every scheduler: one write, no redis-py pipeline.
+            listed = await run_commands(
+                self._raw,
+                [
+                    ["ZRANGE", self._keys.timers(partition), "-inf", now_ms,
+                     "BYSCORE", "LIMIT", 0, limit, "WITHSCORES"]
+                    for partition in partitions
+                ],
+            )  # fmt: skip
             due = sorted(
                 (float(score), member, partition)
                 for partition, flat in zip(partitions, listed, strict=True)
