@@ -1,17 +1,21 @@
 -- flowlog: append one batch of events to one run, atomically.
 --
 -- KEYS: 1 run stream, 2 head, 3 partition feed, 4 partition run index, 5 snapshot,
---       5 + i dedup key of event i.
+--       6 partition queue set, 6 + i dedup key of event i, then the work streams of the
+--       batch (6 + n + j: work stream j).
 -- ARGV: 1 run id, 2 expected seq (-1: none), 3 dedup ttl ms, 4 retention ms,
---       5 terminal statuses (space separated), 6 audit key ('' if none), then 6 values per
---       event: payload digest, envelope bytes (seq 0), new run status ('' if none),
---       sha1 hex of the envelope bytes, sha256 hex of the envelope bytes ('' without an
---       audit key), '1' if the event is passive else ''.
+--       5 terminal statuses (space separated), 6 audit key ('' if none), 7 number of work
+--       streams, then 7 values per event: payload digest, envelope bytes (seq 0), new run
+--       status ('' if none), sha1 hex of the envelope bytes, sha256 hex of the envelope bytes
+--       ('' without an audit key), '1' if the event is passive else '', the event's work
+--       stream j ('0': none); then the queue name of each work stream.
 -- Reply: 4 values per event: outcome (a appended, d duplicate, m mismatch, c conflict),
 --        seq (given or original, 0 if none), entry id ('' if none), the run's seq on conflict.
 --
 -- Run stream entries have the id <seq>-0 (reads after a seq need no scan); feed entries get
 -- a time id, which is the entry id reported, kept in the head and in the dedup record.
+-- A step_scheduled event also goes to its queue's work stream (s and e, a time id of its
+-- own), and the queue joins the partition's queue set.
 -- The run index scores a run by the server time of its first append, in ms with us digits.
 -- Every read and check happens before the first write: a script cannot roll back.
 -- The head's ver is the seq of the run's last non-passive event: an expected seq is met
@@ -26,10 +30,12 @@
 -- store has an audit key (without one they are never called).
 
 local call = redis.call
-local FIRST = 6 -- ARGV before the first event
-local FIRST_KEY = 5 -- KEYS before the first dedup key
-local WIDTH = 6
-local n = (#ARGV - FIRST) / WIDTH
+local FIRST = 7 -- ARGV before the first event
+local FIRST_KEY = 6 -- KEYS before the first dedup key
+local WIDTH = 7
+local works = tonumber(ARGV[7])
+local n = (#ARGV - FIRST - works) / WIDTH
+local used = {} -- work stream j -> true once an entry went to it
 
 local head = call('HMGET', KEYS[2], 'seq', 'hash', 'status', 'mac', 'ver')
 local seq = tonumber(head[1]) or 0
@@ -117,6 +123,11 @@ for i = 1, n do
       call('XADD', KEYS[1], s .. '-0', 's', s, 'e', payload, 'h', h)
     end
     local id = call('XADD', KEYS[3], '*', 's', s, 'e', payload)
+    local work = tonumber(ARGV[base + 7])
+    if work > 0 then
+      call('XADD', KEYS[FIRST_KEY + n + work], '*', 's', s, 'e', payload)
+      used[work] = true
+    end
     -- The record is known to be absent (checked above, in this same atomic script).
     call('SET', KEYS[FIRST_KEY + i], id .. ' ' .. s .. ' ' .. ARGV[base + 1], 'PX', dedup_ttl)
     if seq == 1 then
@@ -146,6 +157,10 @@ for i = 1, n do
   reply[r + 3] = entry[i]
   reply[r + 4] = 0
   r = r + 4
+end
+
+for work in pairs(used) do
+  call('SADD', KEYS[6], ARGV[FIRST + n * WIDTH + work])
 end
 
 if last_entry then

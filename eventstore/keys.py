@@ -42,6 +42,14 @@ class Keys:
     def feed(self, partition: int) -> str:
         return f"{self.tag(partition)}:feed"
 
+    def work(self, partition: int, queue: str) -> str:
+        """The partition's work stream of ``queue``: its ``step_scheduled`` events."""
+        return f"{self.tag(partition)}:work:{queue}"
+
+    def queues(self, partition: int) -> str:
+        """Set of the queues that have a work stream in the partition."""
+        return f"{self.tag(partition)}:queues"
+
     def runs(self, partition: int) -> str:
         """Sorted set of the partition's run ids, scored by first-append time (ms)."""
         return f"{self.tag(partition)}:runs"
@@ -64,7 +72,17 @@ class Keys:
 class RunKeys:
     """The keys of one run and of its partition (see :meth:`Keys.for_run`)."""
 
-    __slots__ = ("_dedup_prefix", "feed", "head", "partition", "run", "runs", "snap")
+    __slots__ = (
+        "_dedup_prefix",
+        "_work_prefix",
+        "feed",
+        "head",
+        "partition",
+        "queues",
+        "run",
+        "runs",
+        "snap",
+    )
 
     def __init__(self, keys: Keys, run_id: str) -> None:
         self.partition = keys.partition(run_id)
@@ -74,7 +92,12 @@ class RunKeys:
         self.snap = f"{tag}:snap:{run_id}"
         self.feed = keys.feed(self.partition)
         self.runs = keys.runs(self.partition)
+        self.queues = keys.queues(self.partition)
         self._dedup_prefix = f"{tag}:dedup:"
+        self._work_prefix = f"{tag}:work:"
 
     def dedup(self, event_id: str) -> str:
         return self._dedup_prefix + event_id
+
+    def work(self, queue: str) -> str:
+        return self._work_prefix + queue

@@ -4,8 +4,9 @@ Used when no Redis URL is configured and by fast tests. It keeps what Redis woul
 encoded bytes of every event (each is decoded once, at append, into the frozen envelope every
 reader is handed: readers share it and must not change its payload's containers), entry ids in the
 Redis ``"<ms>-<n>"`` format, strictly increasing per partition feed (a run's entries carry the
-id of their feed entry), dedup records with a TTL, per-run heads with the chain hash, consumer
-groups with pending entries, claims and dead letters, timers and snapshots. Expiry (dedup,
+id of their feed entry), the queues' work streams, dedup records with a TTL, per-run heads
+with the chain hash, consumer groups with pending entries, claims and dead letters, timers and
+snapshots. Expiry (dedup,
 retention of finished runs) follows the injected ``clock_ms``, so tests can move time. As with
 the Redis keys, dedup records are per partition, and a finished run's stream, head and snapshot
 expire together ``retention_ms`` after its last terminal status (a later non-terminal status
@@ -52,6 +53,7 @@ from eventstore.store import (
     StoreConfig,
     Timer,
     TrimReport,
+    work_queue,
 )
 
 EntryKey = tuple[int, int]
@@ -143,17 +145,18 @@ class _Pending(msgspec.Struct, gc=False):
 
 
 class _Group:
-    """One consumer group on one partition feed.
+    """One consumer group on one partition feed, or on one partition's work stream of a queue.
 
     ``pending`` is in entry id order (new deliveries always have the highest ids); ``idle`` holds
     the same entries least recently delivered first, so claiming looks only at its front.
     """
 
-    __slots__ = ("cursor", "idle", "last_key", "name", "partition", "pending")
+    __slots__ = ("cursor", "feed", "idle", "last_key", "name", "partition", "pending")
 
-    def __init__(self, name: str, partition: int) -> None:
+    def __init__(self, name: str, partition: int, feed: _Feed) -> None:
         self.name = name
         self.partition = partition
+        self.feed = feed
         self.cursor = 0
         self.last_key: EntryKey = (0, 0)
         self.pending: dict[str, _Pending] = {}
@@ -174,13 +177,16 @@ class _Group:
 
 
 class MemorySubscription:
-    """A consumer of a group over every partition feed of a :class:`MemoryStore`."""
+    """A consumer of a group over every partition feed of a :class:`MemoryStore`, or over
+    every partition's work stream of a queue."""
 
-    def __init__(self, store: MemoryStore, group: str, consumer: str) -> None:
+    def __init__(
+        self, store: MemoryStore, group: str, consumer: str, queue: str | None = None
+    ) -> None:
         self._store = store
         self._group = group
         self._consumer = consumer
-        self._groups = store._groups[group]
+        self._groups = store._groups[group, queue]
         self._own: deque[tuple[_Group, _Pending]] | None = None
         self._next_partition = 0
         self._scanned_ms: int | None = None
@@ -274,11 +280,10 @@ class MemorySubscription:
         rotated = self._groups[start:] + self._groups[:start]
         if len(out) < max_count and self._scan_due(now):
             self._claim(now, max_count, out)
-        feeds = self._store._feeds
         for group in rotated:
             if len(out) >= max_count:
                 break
-            if group.cursor < feeds[group.partition].end:
+            if group.cursor < group.feed.end:
                 self._deliver_new(group, now, max_count - len(out), out)
         return out
 
@@ -322,7 +327,7 @@ class MemorySubscription:
         self._hand(group, pending, out)
 
     def _deliver_new(self, group: _Group, now: int, room: int, out: list[Delivery]) -> None:
-        feed = self._store._feeds[group.partition]
+        feed = group.feed
         start = max(group.cursor, feed.offset)
         stop = min(feed.end, start + room)
         if start >= stop:
@@ -380,7 +385,9 @@ class MemoryStore:
         self._feeds = [_Feed() for _ in range(config.partitions)]
         self._dedup: list[dict[str, _Dedup]] = [{} for _ in range(config.partitions)]
         self._dedup_expiry: deque[tuple[int, int, str]] = deque()
-        self._groups: dict[str, list[_Group]] = {}
+        #: Groups by (name, queue): queue None for groups on the feeds.
+        self._groups: dict[tuple[str, str | None], list[_Group]] = {}
+        self._work: dict[str, list[_Feed]] = {}
         self._dead: list[list[DeadLetter]] = [[] for _ in range(config.partitions)]
         self._timers: dict[tuple[str, str], Timer] = {}
         self._timer_heap: list[tuple[int, str, str]] = []
@@ -525,6 +532,9 @@ class MemoryStore:
             except DecodeError as exc:
                 raise DecodeError(f"run {run_id} seq {seq}: {exc}") from exc
             entries.append(entry)
+            queue = work_queue(envelope)
+            if queue is not None:
+                self._work_feeds(queue)[partition].add(now, seq, raw).envelope = entry.envelope
             run.hash = entry.hash = codec.chain_hash(run.hash, seq, raw)
             if key:
                 run.mac = entry.mac = chain_mac(key, run.mac, seq, content_digest(raw))
@@ -607,16 +617,27 @@ class MemoryStore:
 
     # --- subscriptions ------------------------------------------------------------------------
 
-    async def subscribe(self, group: str, consumer: str) -> MemorySubscription:
-        """Join ``group`` as ``consumer``; the group starts at the beginning of every feed."""
+    async def subscribe(
+        self, group: str, consumer: str, *, queue: str | None = None
+    ) -> MemorySubscription:
+        """Join ``group`` as ``consumer`` on every feed, or with ``queue`` on every work stream
+        of that queue; a new group starts at the beginning of each."""
         await anyio.lowlevel.checkpoint()
         self._check_open()
-        if group not in self._groups:
-            self._groups[group] = [_Group(group, p) for p in range(self.config.partitions)]
-        return MemorySubscription(self, group, consumer)
+        if (group, queue) not in self._groups:
+            feeds = self._feeds if queue is None else self._work_feeds(queue)
+            self._groups[group, queue] = [_Group(group, p, feed) for p, feed in enumerate(feeds)]
+        return MemorySubscription(self, group, consumer, queue)
+
+    def _work_feeds(self, queue: str) -> list[_Feed]:
+        """The work streams of ``queue``, one per partition (made at first use)."""
+        feeds = self._work.get(queue)
+        if feeds is None:
+            feeds = self._work[queue] = [_Feed() for _ in range(self.config.partitions)]
+        return feeds
 
     async def group_info(self) -> list[GroupInfo]:
-        """Pending and lag of every group on every partition feed."""
+        """Pending and lag of every group on every partition feed or work stream."""
         await anyio.lowlevel.checkpoint()
         self._check_open()
         return [
@@ -624,8 +645,7 @@ class MemoryStore:
                 group=group.name,
                 partition=group.partition,
                 pending=len(group.pending),
-                lag=self._feeds[group.partition].end
-                - max(group.cursor, self._feeds[group.partition].offset),
+                lag=group.feed.end - max(group.cursor, group.feed.offset),
             )
             for groups in self._groups.values()
             for group in groups
@@ -716,14 +736,16 @@ class MemoryStore:
     ) -> TrimReport:
         """Per partition, drop feed entries below ``MINID`` = the least of ``<horizon_ms>-0``,
         each group's last-delivered id + 1 and each group's oldest pending id; ``archive`` is
-        given the decodable ones first. A dry run only reports."""
+        given the decodable ones first. Work streams are trimmed the same way (each by its own
+        groups), without archive. A dry run only reports."""
         await anyio.lowlevel.checkpoint()
         self._check_open()
         trimmed: dict[int, int] = {}
         min_ids: dict[int, str] = {}
+        work_trimmed = dict.fromkeys(range(self.config.partitions), 0)
         async with self._trim_lock:
             for partition, feed in enumerate(self._feeds):
-                min_key = self._min_key(partition, horizon_ms)
+                min_key = self._min_key(feed, horizon_ms)
                 count = bisect.bisect_left(feed.entries, min_key, key=lambda e: e.key)
                 trimmed[partition] = count
                 min_ids[partition] = f"{min_key[0]}-{min_key[1]}"
@@ -733,15 +755,28 @@ class MemoryStore:
                     await archive(partition, self._decodable(partition, feed.entries[:count]))
                 del feed.entries[:count]
                 feed.offset += count
-        return TrimReport(trimmed=trimmed, min_ids=min_ids, dry_run=dry_run)
+            for feeds in self._work.values():
+                for partition, feed in enumerate(feeds):
+                    min_key = self._min_key(feed, horizon_ms)
+                    count = bisect.bisect_left(feed.entries, min_key, key=lambda e: e.key)
+                    work_trimmed[partition] += count
+                    if not dry_run:
+                        del feed.entries[:count]
+                        feed.offset += count
+        return TrimReport(
+            trimmed=trimmed, min_ids=min_ids, dry_run=dry_run, work_trimmed=work_trimmed
+        )
 
-    def _min_key(self, partition: int, horizon_ms: int) -> EntryKey:
+    def _min_key(self, feed: _Feed, horizon_ms: int) -> EntryKey:
+        """The least of the horizon and the progress of every group reading ``feed``."""
         min_key: EntryKey = (horizon_ms, 0)
         for groups in self._groups.values():
-            group = groups[partition]
-            min_key = min(min_key, (group.last_key[0], group.last_key[1] + 1))
-            if group.pending:
-                min_key = min(min_key, next(iter(group.pending.values())).entry.key)
+            for group in groups:
+                if group.feed is not feed:
+                    continue
+                min_key = min(min_key, (group.last_key[0], group.last_key[1] + 1))
+                if group.pending:
+                    min_key = min(min_key, next(iter(group.pending.values())).entry.key)
         return min_key
 
     @staticmethod

@@ -24,6 +24,7 @@ from eventstore.store import (
     AppendResult,
     Outcome,
     StoreConfig,
+    work_queue,
 )
 
 _TERMINAL: Final = " ".join(sorted(TERMINAL_STATUSES)).encode()
@@ -68,7 +69,15 @@ class PreparedAppend:
             keys.feed.encode(),
             keys.runs.encode(),
             keys.snap.encode(),
+            keys.queues.encode(),
         ]
+        # The work streams of the batch, after the dedup keys; an event names its own by
+        # position (1-based, 0: none).
+        queues: dict[str, int] = {}
+        for envelope in self.events:
+            queue = work_queue(envelope)
+            if queue is not None:
+                queues.setdefault(queue, len(queues) + 1)
         args = [
             self.run_id.encode(),
             b"-1" if self.expected_seq is None else b"%d" % self.expected_seq,
@@ -76,11 +85,13 @@ class PreparedAppend:
             b"%d" % config.retention_ms,
             _TERMINAL,
             config.audit_key,
+            b"%d" % len(queues),
         ]
         audit = bool(config.audit_key)
         for envelope, raw in zip(self.events, self.raws, strict=True):
             call_keys.append(keys.dedup(envelope.event_id).encode())
             event_type = envelope.type
+            queue = work_queue(envelope)
             args += (
                 codec.payload_digest(envelope).encode(),
                 raw,
@@ -88,7 +99,10 @@ class PreparedAppend:
                 codec.entry_digest(raw).encode(),
                 hashlib.sha256(raw).hexdigest().encode() if audit else b"",
                 b"1" if event_type in PASSIVE_EVENT_TYPES else b"",
+                b"0" if queue is None else b"%d" % queues[queue],
             )
+        call_keys += (keys.work(queue).encode() for queue in queues)
+        args += (queue.encode() for queue in queues)
         return call_keys, args
 
     def results(self, reply: Sequence[Any]) -> list[AppendResult]:

@@ -1,4 +1,5 @@
-"""Looking after the partition feeds of the redis backend: group progress, dead letters, trims."""
+"""Looking after the partition feeds and work streams of the redis backend: group progress,
+dead letters, trims."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from eventstore.errors import DecodeError
 from eventstore.events import Envelope
 from eventstore.keys import Keys
 from eventstore.redis_append import entry_payload
-from eventstore.redis_conn import command, translate_errors
+from eventstore.redis_conn import command, run_commands, translate_errors
 from eventstore.store import Archiver, DeadLetter, GroupInfo, TrimReport
 
 _PAGE: Final = 1000
@@ -31,7 +32,7 @@ def _fields(flat: Sequence[Any]) -> dict[bytes, Any]:
 
 
 class FeedMaintenance:
-    """Group info, dead letters and trimming over every partition feed."""
+    """Group info, dead letters and trimming over every partition feed and work stream."""
 
     def __init__(self, client: aioredis.Redis, keys: Keys, url: str) -> None:
         self._client = client
@@ -39,15 +40,17 @@ class FeedMaintenance:
         self.url = url
 
     async def group_info(self) -> list[GroupInfo]:
-        """Pending and lag of every group on every feed (lag counted when Redis cannot say)."""
+        """Pending and lag of every group on every feed and work stream (lag counted when
+        Redis cannot say)."""
         with translate_errors(self.url):
-            groups = await self._groups()
+            streams = await self._streams()
+            groups = await self._groups([stream for _, stream in streams])
             out = []
-            for partition, infos in enumerate(groups):
+            for (partition, stream), infos in zip(streams, groups, strict=True):
                 for info in infos:
                     lag = info[b"lag"]
                     if lag is None:
-                        lag = await self._count(partition, b"(" + info[b"last-delivered-id"], b"+")
+                        lag = await self._count(stream, b"(" + info[b"last-delivered-id"], b"+")
                     out.append(
                         GroupInfo(
                             group=info[b"name"].decode(),
@@ -91,32 +94,53 @@ class FeedMaintenance:
     ) -> TrimReport:
         """Per partition, drop feed entries below ``MINID`` = the least of ``<horizon_ms>-0``,
         each group's last-delivered id + 1 and each group's oldest pending id; ``archive`` is
-        given the decodable ones first, a page at a time. A dry run only reports."""
+        given the decodable ones first, a page at a time. Work streams are trimmed the same
+        way (each by its own groups), without archive. A dry run only reports."""
         trimmed: dict[int, int] = {}
         min_ids: dict[int, str] = {}
+        work_trimmed = dict.fromkeys(range(self._keys.partitions), 0)
         with translate_errors(self.url):
-            floors = await self._min_keys(max(horizon_ms, 0))
-        for partition, (ms, n) in enumerate(floors):
+            streams = await self._streams()
+            floors = await self._min_keys([stream for _, stream in streams], max(horizon_ms, 0))
+        for (partition, stream), (ms, n) in zip(streams, floors, strict=True):
             min_id = f"{ms}-{n}"
-            min_ids[partition] = min_id
+            is_feed = stream == self._keys.feed(partition)
+            if is_feed:
+                min_ids[partition] = min_id
             if (ms, n) == (0, 0):
-                trimmed[partition] = 0
+                count = 0
             elif dry_run:
                 with translate_errors(self.url):
-                    trimmed[partition] = await self._count(partition, b"-", f"({min_id}".encode())
+                    count = await self._count(stream, b"-", f"({min_id}".encode())
             else:
-                if archive is not None:
+                if archive is not None and is_feed:
                     await self._archive(partition, min_id, archive)
                 with translate_errors(self.url):
-                    trimmed[partition] = await command(
-                        self._client, "XTRIM", self._keys.feed(partition), "MINID", min_id
-                    )
-        return TrimReport(trimmed=trimmed, min_ids=min_ids, dry_run=dry_run)
+                    count = await command(self._client, "XTRIM", stream, "MINID", min_id)
+            if is_feed:
+                trimmed[partition] = count
+            else:
+                work_trimmed[partition] += count
+        return TrimReport(
+            trimmed=trimmed, min_ids=min_ids, dry_run=dry_run, work_trimmed=work_trimmed
+        )
 
-    async def _groups(self) -> list[list[dict[bytes, Any]]]:
+    async def _streams(self) -> list[tuple[int, str]]:
+        """(partition, stream) of every feed and of every work stream in the queue sets."""
+        partitions = range(self._keys.partitions)
+        queues = await run_commands(
+            self._client, [["SMEMBERS", self._keys.queues(p)] for p in partitions]
+        )
+        streams = []
+        for partition, names in zip(partitions, queues, strict=True):
+            streams.append((partition, self._keys.feed(partition)))
+            streams += ((partition, self._keys.work(partition, q.decode())) for q in sorted(names))
+        return streams
+
+    async def _groups(self, streams: Sequence[str]) -> list[list[dict[bytes, Any]]]:
         pipe = self._client.pipeline(transaction=False)
-        for partition in range(self._keys.partitions):
-            pipe.execute_command("XINFO", "GROUPS", self._keys.feed(partition))
+        for stream in streams:
+            pipe.execute_command("XINFO", "GROUPS", stream)
         out: list[list[dict[bytes, Any]]] = []
         for reply in await pipe.execute(raise_on_error=False):
             if isinstance(reply, ResponseError):
@@ -127,12 +151,12 @@ class FeedMaintenance:
                 out.append([_fields(flat) for flat in reply])
         return out
 
-    async def _min_keys(self, horizon_ms: int) -> list[EntryKey]:
-        groups = await self._groups()
+    async def _min_keys(self, streams: Sequence[str], horizon_ms: int) -> list[EntryKey]:
+        groups = await self._groups(streams)
         pipe = self._client.pipeline(transaction=False)
-        for partition, infos in enumerate(groups):
+        for stream, infos in zip(streams, groups, strict=True):
             for info in infos:
-                pipe.execute_command("XPENDING", self._keys.feed(partition), info[b"name"])
+                pipe.execute_command("XPENDING", stream, info[b"name"])
         summaries = iter(await pipe.execute())
         floors = []
         for infos in groups:
@@ -146,12 +170,10 @@ class FeedMaintenance:
             floors.append(floor)
         return floors
 
-    async def _count(self, partition: int, start: bytes, end: bytes) -> int:
+    async def _count(self, stream: str, start: bytes, end: bytes) -> int:
         count = 0
         while True:
-            page = await command(
-                self._client, "XRANGE", self._keys.feed(partition), start, end, "COUNT", _PAGE
-            )
+            page = await command(self._client, "XRANGE", stream, start, end, "COUNT", _PAGE)
             count += len(page)
             if len(page) < _PAGE:
                 return count

@@ -227,15 +227,24 @@ class RedisStore:
 
     # --- subscriptions ------------------------------------------------------------------------
 
-    async def subscribe(self, group: str, consumer: str) -> RedisSubscription:
-        """Join ``group`` as ``consumer``; a new group starts at the beginning of every feed."""
+    async def subscribe(
+        self, group: str, consumer: str, *, queue: str | None = None
+    ) -> RedisSubscription:
+        """Join ``group`` as ``consumer`` on every feed, or with ``queue`` on every work stream
+        of that queue (registered in each partition's queue set, for retention and group
+        info); a new group starts at the beginning of each stream."""
         self._check_open()
+        partitions = range(self._keys.partitions)
+        if queue is None:
+            streams = [self._keys.feed(p) for p in partitions]
+        else:
+            streams = [self._keys.work(p, queue) for p in partitions]
         with translate_errors(self._url):
             pipe = self._raw.pipeline(transaction=False)
-            for partition in range(self._keys.partitions):
-                pipe.execute_command(
-                    "XGROUP", "CREATE", self._keys.feed(partition), group, "0", "MKSTREAM"
-                )
+            for partition, stream in zip(partitions, streams, strict=True):
+                if queue is not None:
+                    pipe.execute_command("SADD", self._keys.queues(partition), queue)
+                pipe.execute_command("XGROUP", "CREATE", stream, group, "0", "MKSTREAM")
             for reply in await pipe.execute(raise_on_error=False):
                 if isinstance(reply, ResponseError) and not str(reply).startswith("BUSYGROUP"):
                     raise reply
@@ -244,6 +253,7 @@ class RedisStore:
             blocking=blocking_client(self._raw.connection_pool),
             scripts=self._feed_scripts,
             keys=self._keys,
+            streams=streams,
             config=self.config,
             url=self._url,
             group=group,

@@ -1,4 +1,5 @@
-"""Consumer-group subscriptions over the partition feeds of the redis backend.
+"""Consumer-group subscriptions over the partition feeds (or one queue's work streams) of the
+redis backend.
 
 A fetch fills up to ``max_count`` deliveries, in this order:
 
@@ -60,12 +61,15 @@ class RedisSubscription:
         blocking: aioredis.Redis,
         scripts: FeedScripts,
         keys: Keys,
+        streams: Sequence[str],
         config: StoreConfig,
         url: str,
         group: str,
         consumer: str,
         on_close: Callable[[RedisSubscription], None],
     ) -> None:
+        """``streams``: the stream the group reads in each partition, in partition order (the
+        feeds, or one queue's work streams)."""
         self._client = client
         self._blocking = blocking
         self._scripts = scripts
@@ -74,8 +78,8 @@ class RedisSubscription:
         self._url = url
         self._group = group
         self._consumer = consumer
-        self._feeds = [keys.feed(p) for p in range(keys.partitions)]
-        self._partition_of = {feed.encode(): p for p, feed in enumerate(self._feeds)}
+        self._streams = list(streams)
+        self._partition_of = {feed.encode(): p for p, feed in enumerate(self._streams)}
         self._surplus: deque[Delivery] = deque()
         self._own: deque[tuple[int, bytes]] | None = None
         self._read_scope: anyio.CancelScope | None = None
@@ -135,7 +139,7 @@ class RedisSubscription:
         for ids in by_partition.values():
             args.append(len(ids))
             args.extend(ids)
-        await self._scripts.ack([self._feeds[p] for p in by_partition], args)
+        await self._scripts.ack([self._streams[p] for p in by_partition], args)
 
     async def touch(self, deliveries: Sequence[Delivery]) -> None:
         """Reset the idle time of the entries (and of read-ahead ones) and own them."""
@@ -146,7 +150,7 @@ class RedisSubscription:
         pipe = self._client.pipeline(transaction=False)
         for partition, ids in by_partition.items():
             pipe.execute_command(
-                "XCLAIM", self._feeds[partition], self._group, self._consumer, 0, *ids, "JUSTID"
+                "XCLAIM", self._streams[partition], self._group, self._consumer, 0, *ids, "JUSTID"
             )
         with translate_errors(self._url):
             await pipe.execute()
@@ -178,12 +182,12 @@ class RedisSubscription:
 
     async def _own_snapshot(self) -> deque[tuple[int, bytes]]:
         own: deque[tuple[int, bytes]] = deque()
-        starts: dict[int, bytes] = dict.fromkeys(range(len(self._feeds)), b"-")
+        starts: dict[int, bytes] = dict.fromkeys(range(len(self._streams)), b"-")
         while starts:
             pipe = self._client.pipeline(transaction=False)
             for partition, start in starts.items():
                 pipe.execute_command(
-                    "XPENDING", self._feeds[partition], self._group,
+                    "XPENDING", self._streams[partition], self._group,
                     start, "+", _PENDING_PAGE, self._consumer,
                 )  # fmt: skip
             replies = await pipe.execute()
@@ -204,7 +208,7 @@ class RedisSubscription:
         self._scanned_s = time.monotonic()
         room = max_count - len(out)
         found = await self._scripts.claimable(
-            self._feeds, [self._group, self._config.claim_idle_ms, room]
+            self._streams, [self._group, self._config.claim_idle_ms, room]
         )
         batch: dict[int, list[bytes]] = {}
         for i in range(0, len(found), 2):
@@ -224,7 +228,7 @@ class RedisSubscription:
     ) -> None:
         calls: list[tuple[Sequence[Key], Sequence[Any]]] = [
             (
-                [self._feeds[partition], self._keys.dead(partition)],
+                [self._streams[partition], self._keys.dead(partition)],
                 [
                     self._group,
                     self._consumer,
@@ -251,10 +255,10 @@ class RedisSubscription:
         args: list[Any] = ["XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", room]
         if block_ms > 0:
             args += ["BLOCK", block_ms]
-        args += ["STREAMS", *self._feeds, *[">"] * len(self._feeds)]
+        args += ["STREAMS", *self._streams, *[">"] * len(self._streams)]
         client = self._blocking if block_ms > 0 else self._client
         commands: list[list[Any]] = [
-            ["XACK", self._feeds[partition], self._group, *ids] for partition, ids in acks.items()
+            ["XACK", self._streams[partition], self._group, *ids] for partition, ids in acks.items()
         ]
         commands.append(args)
         read = _last(run_commands(client, commands))
@@ -298,7 +302,7 @@ class RedisSubscription:
             envelope = _decode(payload, where)
         except DecodeError as exc:
             await self._scripts.dead_letter(
-                [self._feeds[partition], self._keys.dead(partition)],
+                [self._streams[partition], self._keys.dead(partition)],
                 [self._group, entry_id, f"{REASON_UNDECODABLE}: {exc}", deliveries, raw],
             )
             return

@@ -22,6 +22,12 @@ Semantics shared by every backend:
   pending entries, then entries idle longer than ``claim_idle_ms`` claimed from other
   consumers, then new ones. An entry delivered more than ``max_deliveries`` times, or one that
   cannot be decoded, goes to the dead-letter stream with the reason and is acknowledged.
+* Work streams: every ``step_scheduled`` event is also added, in the same atomic append, to
+  the *work stream* of its step's queue in the run's partition (:func:`work_queue`). A
+  subscription with ``queue`` set reads that queue's work streams instead of the feeds, with
+  the same delivery semantics, so a runner reads the steps it may run and nothing else.
+  Retention trims work streams as it trims feeds (never past what a group has not read); they
+  hold copies, so nothing of them is archived.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
-from eventstore.events import Envelope
+from eventstore.events import Envelope, StepScheduled
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
@@ -58,6 +64,13 @@ STATUS_BY_EVENT_TYPE: dict[str, str] = {
 #: snapshot exists; a scheduler's decision made just before it is as valid as before, so a
 #: checkpointer never makes the scheduler decide again.
 PASSIVE_EVENT_TYPES: frozenset[str] = frozenset({"checkpoint_taken"})
+
+
+def work_queue(envelope: Envelope) -> str | None:
+    """The queue whose work stream gets ``envelope`` too, if any: a ``step_scheduled``
+    event's step queue."""
+    data = envelope.data
+    return data.queue if type(data) is StepScheduled else None
 
 
 class StoreConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -187,11 +200,13 @@ class GroupInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TrimReport(msgspec.Struct, frozen=True, kw_only=True):
-    """What a feed trim did (or would do, on a dry run), per partition."""
+    """What a feed trim did (or would do, on a dry run), per partition; ``work_trimmed``:
+    work stream entries (copies of feed entries) trimmed, per partition."""
 
     trimmed: dict[int, int]
     min_ids: dict[int, str]
     dry_run: bool = False
+    work_trimmed: dict[int, int] = {}
 
 
 Archiver = Callable[[int, Sequence[Envelope]], Awaitable[None]]
@@ -258,7 +273,12 @@ class EventStore(Protocol):
         """Every run id the store holds (not expired), oldest first."""
         ...
 
-    async def subscribe(self, group: str, consumer: str) -> Subscription: ...
+    async def subscribe(
+        self, group: str, consumer: str, *, queue: str | None = None
+    ) -> Subscription:
+        """Join ``group`` as ``consumer`` on the partition feeds (every event), or with
+        ``queue`` on that queue's work streams (its ``step_scheduled`` events)."""
+        ...
 
     async def group_info(self) -> list[GroupInfo]: ...
 

@@ -49,8 +49,10 @@ class StoreWrapper:
     async def list_runs(self) -> list[str]:
         return await self.inner.list_runs()
 
-    async def subscribe(self, group: str, consumer: str) -> Subscription:
-        return await self.inner.subscribe(group, consumer)
+    async def subscribe(
+        self, group: str, consumer: str, *, queue: str | None = None
+    ) -> Subscription:
+        return await self.inner.subscribe(group, consumer, queue=queue)
 
     async def group_info(self) -> list[GroupInfo]:
         return await self.inner.group_info()

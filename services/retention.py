@@ -92,11 +92,13 @@ async def run_retention(
     if metrics is not None:
         metrics.count_trim(trim)
     total = sum(trim.trimmed.values())
+    work = sum(trim.work_trimmed.values())
     log.info(
-        "feed retention %s %d entries below the horizon",
+        "feed retention %s %d entries below the horizon (and %d work stream entries)",
         "would trim" if dry_run else "trimmed",
         total,
-        extra={"horizon_ms": horizon, "dry_run": dry_run, "trimmed": total},
+        work,
+        extra={"horizon_ms": horizon, "dry_run": dry_run, "trimmed": total, "work": work},
     )
     return RetentionReport(
         horizon_ms=horizon,

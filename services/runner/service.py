@@ -1,15 +1,16 @@
 """The agent runner: takes scheduled steps of its queues and executes them.
 
-It reads the partition feeds as consumer group ``runner:<queue>`` (one group per queue it
-serves; any number of runner replicas share a group). For a ``step_scheduled`` event of its
-queue it appends ``step_started``, runs the agent in a worker (timeout, bulkhead, circuit
-breaker, result cache — see :mod:`services.agents.resilience`) and appends ``step_succeeded`` or
-``step_failed``; a cache hit appends ``step_cache_hit`` and runs nothing. An inline agent
-(:class:`~services.agents.base.InlineAgent`: pure, instant) is called by the reader itself,
-and its ``step_started`` goes out with the outcome in one append for the whole batch, as do
-cache hits. The feed entry is acknowledged only after the outcome is appended (by a worker, or
-with the reader's next fetch), so a runner that dies mid-step leaves the entry pending and
-another runner claims it after ``claim_idle`` and runs the step again.
+It reads the work streams of each queue it serves (the store adds every ``step_scheduled``
+event to its queue's work stream) as consumer group ``runner:<queue>``; any number of runner
+replicas share a group, and a runner wakes for steps it may run, not for every event of the
+log. For each scheduled step it appends ``step_started``, runs the agent in a worker (timeout,
+bulkhead, circuit breaker, result cache — see :mod:`services.agents.resilience`) and appends
+``step_succeeded`` or ``step_failed``; a cache hit appends ``step_cache_hit`` and runs nothing.
+An inline agent (:class:`~services.agents.base.InlineAgent`: pure, instant) is called by the
+reader itself, and its ``step_started`` goes out with the outcome in one append for the whole
+batch, as do cache hits. The work entry is acknowledged only after the outcome is appended (by
+a worker, or with the reader's next fetch), so a runner that dies mid-step leaves the entry
+pending and another runner claims it after ``claim_idle`` and runs the step again.
 
 Facts get event ids derived from the attempt (run, step, item, iteration, fallback, attempt),
 so a repeated delivery of the same attempt appends nothing new. While a step runs, or waits
@@ -17,10 +18,10 @@ for a free worker, its entry is touched every ``heartbeat_s`` (so it is not clai
 runner); for a running step the run's head is checked too: a run that became terminal
 (cancelled, or failed elsewhere) cancels the step.
 
-The reader fetches up to ``prefetch`` feed entries per idle worker (most entries are not this
-runner's steps), as Celery's prefetch multiplier: fewer, larger reads under load; with long
-steps and several runners, ``prefetch=1`` keeps one runner from holding steps it cannot start
-yet while another is idle.
+The reader fetches up to ``prefetch`` steps per idle worker (inline ones are done as they are
+read), as Celery's prefetch multiplier: fewer, larger reads under load; with long steps and
+several runners, ``prefetch=1`` keeps one runner from holding steps it cannot start yet while
+another is idle.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class RunnerService:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         subscriptions = [
-            await self.store.subscribe(group_for(q), self.consumer) for q in self.queues
+            await self.store.subscribe(group_for(q), self.consumer, queue=q) for q in self.queues
         ]
         send, receive = anyio.create_memory_object_stream[tuple[Subscription, Delivery]](
             self.concurrency
@@ -161,8 +162,9 @@ class RunnerService:
         subscription: Subscription,
         send: anyio.abc.ObjectSendStream[tuple[Subscription, Delivery]],
     ) -> None:
-        # Entries done here (of no concern to this queue, or run inline once their facts are
-        # appended) are acknowledged with the next fetch, in the same round trip.
+        # Entries done here (run inline once their facts are appended, or anything but a step
+        # of this queue, which a work stream holds only if written there by hand) are
+        # acknowledged with the next fetch, in the same round trip.
         handled: list[Delivery] = []
         try:
             async with send:

@@ -62,6 +62,12 @@ def step_done(run_id: str, n: int, *, output: Any = None, event_id: str = "") ->
     return envelope(run_id, event_id or f"{run_id}-{n}", data, ts=BASE_TS + n)
 
 
+def scheduled(run_id: str, step: str, queue: str) -> Envelope:
+    """A ``step_scheduled`` event of ``step`` on ``queue``."""
+    data = StepScheduled(step=step, attempt=1, agent="echo", queue=queue)
+    return envelope(run_id, f"{run_id}-scheduled-{step}", data)
+
+
 def checkpoint(run_id: str, covered_seq: int) -> Envelope:
     """A passive ``checkpoint_taken`` event covering ``covered_seq``."""
     data = CheckpointTaken(covered_seq=covered_seq, snapshot_key=f"snap:{run_id}")
@@ -723,6 +729,73 @@ class StoreContract(abc.ABC):
             assert await store.get_snapshot(snap.run_id) == snap
         assert await store.get_snapshot("run-1") == later
         await store.put_snapshots([])
+
+    # --- work streams -------------------------------------------------------------------------
+
+    async def test_scheduled_steps_also_go_to_their_queues_work_stream(self) -> None:
+        store = await self.open_store()
+        events = {
+            run_id: [
+                submitted(run_id),
+                scheduled(run_id, "a", "default"),
+                step_done(run_id, 1),
+                scheduled(run_id, "b", "gpu"),
+            ]
+            for run_id in ("run-a", "run-b", "run-c")
+        }
+        for run_id, batch in events.items():
+            await store.append(run_id, batch)
+        gpu = await drain(await store.subscribe("runner:gpu", "c1", queue="gpu"))
+        default = await drain(await store.subscribe("runner:default", "c1", queue="default"))
+        every = await drain(await store.subscribe("projector", "c1"))
+        for deliveries, seq in ((gpu, 4), (default, 2)):
+            assert sorted((d.envelope.run_id, d.partition) for d in deliveries) == sorted(
+                (run_id, partition_of(store, run_id)) for run_id in events
+            )
+            for delivery in deliveries:
+                event = events[delivery.envelope.run_id][seq - 1]
+                assert (delivery.envelope, delivery.deliveries) == (stored(event, seq), 1)
+        assert len(every) == 12
+        assert await drain(await store.subscribe("runner:batch", "c1", queue="batch")) == []
+
+    async def test_a_work_entry_stays_pending_until_acknowledged(self) -> None:
+        store = await self.open_store(claim_scan_ms=0)
+        await store.append("run-a", [scheduled("run-a", "a", "default")])
+        await store.append("run-a", [scheduled("run-a", "b", "default")])
+        dead = await store.subscribe("runner:default", "dead", queue="default")
+        taken = await dead.fetch(max_count=1, block_ms=0)
+        assert [d.envelope.seq for d in taken] == [1]
+
+        async def info() -> tuple[int, int]:
+            found = [i for i in await store.group_info() if i.group == "runner:default"]
+            return sum(i.pending for i in found), sum(i.lag for i in found)
+
+        assert await info() == (1, 1)
+        alive = await store.subscribe("runner:default", "alive", queue="default")
+        got = await alive.fetch(block_ms=0)
+        assert [d.envelope.seq for d in got] == [2]
+        await alive.ack(got)
+        await self.age_pending(store, store.config.claim_idle_ms)
+        claimed = await alive.fetch(block_ms=0)
+        assert [(d.entry_id, d.deliveries) for d in claimed] == [(taken[0].entry_id, 2)]
+        await alive.ack(claimed)
+        assert await info() == (0, 0)
+
+    async def test_trim_trims_work_streams_below_what_their_groups_read(self) -> None:
+        store = await self.open_store()
+        partition = partition_of(store, "run-a")
+        await store.append("run-a", [scheduled("run-a", step, "default") for step in "abc"])
+        runner = await store.subscribe("runner:default", "c1", queue="default")
+        first = await runner.fetch(max_count=2, block_ms=0)
+        await runner.ack(first[:1])
+        report = await store.trim_feeds(FAR_FUTURE_MS)
+        # The feed has no group: it goes up to the horizon. The work stream keeps what its
+        # group has pending or not read.
+        assert report.trimmed[partition] == 3
+        assert sum(report.work_trimmed.values()) == report.work_trimmed[partition] == 1
+        assert [d.envelope.seq for d in await drain(runner)] == [3]
+        dry = await store.trim_feeds(FAR_FUTURE_MS, dry_run=True)
+        assert dry.work_trimmed[partition] == 0
 
     # --- retention ----------------------------------------------------------------------------
 

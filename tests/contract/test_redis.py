@@ -34,7 +34,16 @@ from eventstore.store import (
 )
 from services.bench.store_bench import bench_append, bench_replay
 
-from .base import FAR_FUTURE_MS, StoreContract, envelope, history, step_done, stored, submitted
+from .base import (
+    FAR_FUTURE_MS,
+    StoreContract,
+    envelope,
+    history,
+    scheduled,
+    step_done,
+    stored,
+    submitted,
+)
 
 FOUR_PARTITIONS = StoreConfig(partitions=4)
 
@@ -131,6 +140,19 @@ class TestRedisBackend(RedisHarness):
         head = await store.head("run-a")
         assert head is not None
         assert (head.hash, head.entry_id) == (chain, results[-1].entry_id)
+        await store.close()
+
+    async def test_a_scheduled_step_is_copied_to_its_work_stream_and_its_queue_registered(
+        self,
+    ) -> None:
+        store = await self.open_redis()
+        events = [submitted("run-a"), scheduled("run-a", "a", "gpu"), step_done("run-a", 1)]
+        await store.append("run-a", events)
+        keys = keys_of(store)
+        partition = keys.partition("run-a")
+        [(_, fields)] = await self.redis("XRANGE", keys.work(partition, "gpu"), "-", "+")
+        assert fields == [b"s", b"2", b"e", codec.encode(events[1])]
+        assert await self.redis("SMEMBERS", keys.queues(partition)) == [b"gpu"]
         await store.close()
 
     async def test_dedup_record_names_entry_seq_and_payload_digest(self) -> None:
@@ -388,6 +410,10 @@ def test_run_keys_are_the_keys_of_the_run() -> None:
             keys.runs(partition),
         )
         assert run.dedup("event-1") == keys.dedup(run_id, "event-1")
+        assert (run.queues, run.work("gpu")) == (
+            keys.queues(partition),
+            keys.work(partition, "gpu"),
+        )
 
 
 @pytest.mark.redis

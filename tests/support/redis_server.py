@@ -50,19 +50,21 @@ def _pairs(flat: Sequence[Any]) -> dict[bytes, Any]:
 
 
 async def age_pending(admin: aioredis.Redis, keys: Keys, ms: int) -> None:
-    """Make every pending entry of every group on every feed ``ms`` more idle, keeping its
-    owner and delivery count (``XCLAIM ... IDLE ... JUSTID`` to the current owner)."""
+    """Make every pending entry of every group on every feed and work stream ``ms`` more idle,
+    keeping its owner and delivery count (``XCLAIM ... IDLE ... JUSTID`` to the owner)."""
     for partition in range(keys.partitions):
-        feed = keys.feed(partition)
-        if not await command(admin, "EXISTS", feed):
-            continue
-        for group in await command(admin, "XINFO", "GROUPS", feed):
-            name = _pairs(group)[b"name"]
-            pending = await command(admin, "XPENDING", feed, name, "-", "+", 100_000)
-            for entry_id, owner, idle, _ in pending:
-                await command(
-                    admin, "XCLAIM", feed, name, owner, 0, entry_id, "IDLE", idle + ms, "JUSTID"
-                )
+        queues = await command(admin, "SMEMBERS", keys.queues(partition))
+        for stream in [keys.feed(partition), *(keys.work(partition, q.decode()) for q in queues)]:
+            if not await command(admin, "EXISTS", stream):
+                continue
+            for group in await command(admin, "XINFO", "GROUPS", stream):
+                name = _pairs(group)[b"name"]
+                pending = await command(admin, "XPENDING", stream, name, "-", "+", 100_000)
+                for entry_id, owner, idle, _ in pending:
+                    await command(
+                        admin, "XCLAIM", stream, name, owner, 0, entry_id,
+                        "IDLE", idle + ms, "JUSTID",
+                    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

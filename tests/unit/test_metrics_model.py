@@ -275,14 +275,18 @@ class CrashingStore(MemoryStore):
             raise Crash
         await super().put_snapshot(snapshot)
 
-    async def subscribe(self, group: str, consumer: str) -> MemorySubscription:
-        await super().subscribe(group, consumer)
-        return CrashingSubscription(self, group, consumer)
+    async def subscribe(
+        self, group: str, consumer: str, *, queue: str | None = None
+    ) -> MemorySubscription:
+        await super().subscribe(group, consumer, queue=queue)
+        return CrashingSubscription(self, group, consumer, queue)
 
 
 class CrashingSubscription(MemorySubscription):
-    def __init__(self, store: CrashingStore, group: str, consumer: str) -> None:
-        super().__init__(store, group, consumer)
+    def __init__(
+        self, store: CrashingStore, group: str, consumer: str, queue: str | None = None
+    ) -> None:
+        super().__init__(store, group, consumer, queue)
         self._crashing = store
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:

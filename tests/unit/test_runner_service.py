@@ -151,15 +151,17 @@ async def test_inline_steps_do_not_wait_for_a_worker() -> None:
 
 
 class TouchWatch(MemoryStore):
-    """The memory store, noting the steps whose feed entries subscribers touch."""
+    """The memory store, noting the steps whose entries subscribers touch."""
 
     def __init__(self) -> None:
         super().__init__()
         self.touched: set[str] = set()
         self._changed = anyio.Event()
 
-    async def subscribe(self, group: str, consumer: str) -> MemorySubscription:
-        subscription = await super().subscribe(group, consumer)
+    async def subscribe(
+        self, group: str, consumer: str, *, queue: str | None = None
+    ) -> MemorySubscription:
+        subscription = await super().subscribe(group, consumer, queue=queue)
         touch = subscription.touch
 
         async def noting(deliveries: Sequence[Delivery]) -> None:
