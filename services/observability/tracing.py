@@ -15,7 +15,8 @@ The spans of a run:
   ended with an error status when the attempt fails. The attempt's facts carry its context.
 
 Attributes follow the OpenTelemetry messaging conventions (``messaging.system`` ``redis``,
-``messaging.destination.name`` = the partition feed, ``messaging.operation.type``
+``messaging.destination.name`` = the partition feed (for a step, the queue's work stream it
+was read from), ``messaging.operation.type``
 ``send``/``process``, ``messaging.message.id`` = the event id, ``messaging.consumer.group.name``)
 plus ``flowlog.*`` attributes (run id, workflow, step, attempt...).
 
@@ -335,7 +336,9 @@ class RunTracer:
         attributes: dict[str, AttributeValue] = {
             MESSAGING_SYSTEM: "redis",
             MESSAGING_OPERATION_TYPE: "process",
-            MESSAGING_DESTINATION: self.feed(envelope.run_id),
+            MESSAGING_DESTINATION: self._keys.work(
+                self._keys.partition(envelope.run_id), scheduled.queue
+            ),
             MESSAGING_CONSUMER_GROUP: group,
             MESSAGING_MESSAGE_ID: envelope.event_id,
             RUN_ID: envelope.run_id,

@@ -335,7 +335,7 @@ def test_step_span_is_current_while_the_step_runs_and_carries_its_outcome(
     assert dict(span.attributes or {}) == {
         "messaging.system": "redis",
         "messaging.operation.type": "process",
-        "messaging.destination.name": KEYS.feed(KEYS.partition("run-1")),
+        "messaging.destination.name": KEYS.work(KEYS.partition("run-1"), "default"),
         "messaging.consumer.group.name": "runner:default",
         "messaging.message.id": scheduled.event_id,
         "flowlog.run_id": "run-1",
