@@ -41,7 +41,7 @@ _REPLY_WIDTH: Final = 4
 
 
 class PreparedAppend:
-    """One run batch, validated and encoded, ready to become an ``append.lua`` call."""
+    """One run batch, validated and encoded, ready to become part of an ``append.lua`` call."""
 
     __slots__ = ("events", "expected_seq", "keys", "raws", "run_id")
 
@@ -59,34 +59,25 @@ class PreparedAppend:
         self.raws = raws
         self.expected_seq = expected_seq
 
-    def script_call(self, config: StoreConfig) -> tuple[list[bytes], list[bytes]]:
-        """The script's KEYS and ARGV, encoded (payload digests and key names are computed
-        here, so a caller can do it while earlier calls already run on the server)."""
+    def segment(self, config: StoreConfig, call_keys: list[bytes], args: list[bytes]) -> None:
+        """Add this batch's part of an ``append.lua`` call to ``call_keys`` and ``args`` (payload
+        digests and key names are computed here, so a caller can do it while earlier calls
+        already run on the server)."""
         keys = self.keys
-        call_keys = [
-            keys.run.encode(),
-            keys.head.encode(),
-            keys.feed.encode(),
-            keys.runs.encode(),
-            keys.snap.encode(),
-            keys.queues.encode(),
-        ]
-        # The work streams of the batch, after the dedup keys; an event names its own by
+        # The work streams of the batch, after its dedup keys; an event names its own by
         # position (1-based, 0: none).
         queues: dict[str, int] = {}
         for envelope in self.events:
             queue = work_queue(envelope)
             if queue is not None:
                 queues.setdefault(queue, len(queues) + 1)
-        args = [
+        call_keys += (keys.run.encode(), keys.head.encode(), keys.snap.encode())
+        args += (
             self.run_id.encode(),
             b"-1" if self.expected_seq is None else b"%d" % self.expected_seq,
-            b"%d" % config.dedup_ttl_ms,
-            b"%d" % config.retention_ms,
-            _TERMINAL,
-            config.audit_key,
+            b"%d" % len(self.events),
             b"%d" % len(queues),
-        ]
+        )
         audit = bool(config.audit_key)
         for envelope, raw in zip(self.events, self.raws, strict=True):
             call_keys.append(keys.dedup(envelope.event_id).encode())
@@ -103,14 +94,14 @@ class PreparedAppend:
             )
         call_keys += (keys.work(queue).encode() for queue in queues)
         args += (queue.encode() for queue in queues)
-        return call_keys, args
 
-    def results(self, reply: Sequence[Any]) -> list[AppendResult]:
-        """Turn the script's flat reply (outcome, seq, entry id, current seq per event) into
-        :class:`AppendResult` values."""
+    def results(self, reply: Sequence[Any], offset: int = 0) -> list[AppendResult]:
+        """Turn this batch's part of the script's flat reply (outcome, seq, entry id, current
+        seq per event, from ``offset``) into :class:`AppendResult` values."""
         out = []
         for index, envelope in enumerate(self.events):
-            code, seq, entry_id, current = reply[index * _REPLY_WIDTH : (index + 1) * _REPLY_WIDTH]
+            at = offset + index * _REPLY_WIDTH
+            code, seq, entry_id, current = reply[at : at + _REPLY_WIDTH]
             out.append(
                 AppendResult(
                     event_id=envelope.event_id,
@@ -121,6 +112,36 @@ class PreparedAppend:
                 )
             )
         return out
+
+
+def script_call(
+    batches: Sequence[PreparedAppend], config: StoreConfig
+) -> tuple[list[bytes], list[bytes]]:
+    """KEYS and ARGV of one ``append.lua`` call appending ``batches`` (runs of one partition,
+    each batch non-empty)."""
+    keys = batches[0].keys
+    call_keys = [keys.feed.encode(), keys.runs.encode(), keys.queues.encode()]
+    args = [
+        b"%d" % config.dedup_ttl_ms,
+        b"%d" % config.retention_ms,
+        _TERMINAL,
+        config.audit_key,
+    ]
+    for batch in batches:
+        batch.segment(config, call_keys, args)
+    return call_keys, args
+
+
+def call_results(
+    batches: Sequence[PreparedAppend], reply: Sequence[Any]
+) -> list[list[AppendResult]]:
+    """The results of each of ``batches`` from the reply of their ``append.lua`` call."""
+    out = []
+    offset = 0
+    for batch in batches:
+        out.append(batch.results(reply, offset))
+        offset += len(batch.events) * _REPLY_WIDTH
+    return out
 
 
 def prepare(

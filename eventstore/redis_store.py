@@ -8,8 +8,9 @@ Feed entries carry ``s`` and ``e`` (consumers need nothing else). A run stream's
 are ``<seq>-0``, so reading a run after a seq starts right there; the entry id the store
 reports (append results, head, deliveries) is the feed entry's time-based id.
 
-Appends run one Lua script per run batch (``append.lua``); ``append_many`` pipelines them in one
-round trip. Entry ids, bytes and scripts stay in here: callers see envelopes and flowlog errors.
+Appends run one Lua script call per partition (``append.lua``: each run's batch checked and
+written in turn, up to ``RUNS_PER_CALL`` runs); ``append_many`` streams the calls in one round
+trip. Entry ids, bytes and scripts stay in here: callers see envelopes and flowlog errors.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from eventstore import codec
 from eventstore.errors import StoreClosed
 from eventstore.events import Envelope
 from eventstore.keys import Keys
-from eventstore.redis_append import entry_payload, prepare
+from eventstore.redis_append import call_results, entry_payload, prepare, script_call
 from eventstore.redis_conn import (
     LuaScript,
     blocking_client,
@@ -56,6 +57,9 @@ from eventstore.store import (
 _DEFAULT_CONFIG: Final = StoreConfig()
 _READ_PAGE: Final = 1000
 _TIMER_SEPARATOR: Final = "\x1f"
+#: Runs appended by one script call at most: calls stay short (a script blocks the server) and
+#: the first ones run while later ones are encoded.
+RUNS_PER_CALL: Final = 32
 
 
 class RedisStore:
@@ -112,30 +116,37 @@ class RedisStore:
         if not events:
             return []
         with translate_errors(self._url):
-            reply = await self._append_script(*prepared.script_call(self.config))
+            reply = await self._append_script(*script_call([prepared], self.config))
         return prepared.results(reply)
 
     async def append_many(self, requests: Sequence[AppendRequest]) -> list[list[AppendResult]]:
-        """Append for many runs: every request is validated and encoded first, then one
-        script call per request, grouped by partition, all streamed in one round trip."""
+        """Append for many runs: every request is validated and encoded first, then one script
+        call per partition (up to ``RUNS_PER_CALL`` runs each), all streamed in one round
+        trip."""
         self._check_open()
         prepared = [
             prepare(self._keys, self.config, r.run_id, r.events, r.expected_seq) for r in requests
         ]
-        order = sorted(
-            (i for i, batch in enumerate(prepared) if batch.events),
-            key=lambda i: prepared[i].keys.partition,
-        )
+        by_partition: dict[int, list[int]] = {}
+        for i, batch in enumerate(prepared):
+            if batch.events:
+                by_partition.setdefault(batch.keys.partition, []).append(i)
+        calls = [
+            indexes[start : start + RUNS_PER_CALL]
+            for indexes in by_partition.values()
+            for start in range(0, len(indexes), RUNS_PER_CALL)
+        ]
         out: list[list[AppendResult]] = [[] for _ in prepared]
-        if not order:
+        if not calls:
             return out
         with translate_errors(self._url):
             results = await self._append_script.run_many(
-                (prepared[i].script_call(self.config) for i in order),
-                lambda position, reply: prepared[order[position]].results(reply),
+                (script_call([prepared[i] for i in call], self.config) for call in calls),
+                lambda position, reply: call_results([prepared[i] for i in calls[position]], reply),
             )
-        for i, result in zip(order, results, strict=True):
-            out[i] = result
+        for call, per_call in zip(calls, results, strict=True):
+            for i, result in zip(call, per_call, strict=True):
+                out[i] = result
         return out
 
     # --- runs ---------------------------------------------------------------------------------

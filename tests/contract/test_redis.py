@@ -7,6 +7,7 @@ the tests that kill it); stores use a fresh key prefix each.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar
 
@@ -22,7 +23,7 @@ from eventstore.errors import StoreUnavailable
 from eventstore.events import RunCompleted, RunRetryRequested
 from eventstore.keys import Keys
 from eventstore.redis_conn import Arg, command, redact_url, run_commands
-from eventstore.redis_store import RedisStore
+from eventstore.redis_store import RUNS_PER_CALL, RedisStore
 from eventstore.store import (
     AppendRequest,
     Delivery,
@@ -39,6 +40,7 @@ from .base import (
     StoreContract,
     envelope,
     history,
+    outcomes,
     scheduled,
     step_done,
     stored,
@@ -192,20 +194,47 @@ class TestRedisBackend(RedisHarness):
         index = keys.runs(keys.partition("run-a"))
         assert await self.redis("ZSCORE", index, "run-a") is None
 
-    async def test_append_many_sends_one_script_call_per_request_and_no_script_checks(
+    async def test_append_many_sends_one_script_call_per_partition_and_no_script_checks(
         self,
     ) -> None:
-        store = await self.open_redis()
+        store = await self.open_redis(StoreConfig(partitions=4))
         await store.ping()
         evalsha, exists = await self.stat_calls("evalsha"), await self.stat_calls("script|exists")
+        runs = [f"run-{n}" for n in range(RUNS_PER_CALL + 8)]
         requests = [
-            AppendRequest(run_id=f"run-{n}", events=[step_done(f"run-{n}", k) for k in (1, 2)])
-            for n in range(8)
+            AppendRequest(run_id=run_id, events=[step_done(run_id, k) for k in (1, 2)])
+            for run_id in runs
         ]
         results = await store.append_many(requests)
-        assert [[r.seq for r in batch] for batch in results] == [[1, 2]] * 8
-        assert await self.stat_calls("evalsha") - evalsha == 8
+        assert [[r.seq for r in batch] for batch in results] == [[1, 2]] * len(runs)
+        per_partition = Counter(keys_of(store).partition(run_id) for run_id in runs)
+        calls = sum(-(-count // RUNS_PER_CALL) for count in per_partition.values())
+        assert await self.stat_calls("evalsha") - evalsha == calls
         assert await self.stat_calls("script|exists") == exists
+        await store.close()
+
+    async def test_runs_in_one_script_call_are_checked_and_written_each_on_its_own(
+        self,
+    ) -> None:
+        store = await self.open_redis(StoreConfig(partitions=1))
+        await store.append("run-a", [submitted("run-a")])
+        await store.append("run-b", [submitted("run-b")])
+        results = await store.append_many(
+            [
+                AppendRequest(run_id="run-a", events=[step_done("run-a", 1)], expected_seq=0),
+                AppendRequest(run_id="run-b", events=[step_done("run-b", 1)], expected_seq=1),
+                AppendRequest(run_id="run-c", events=[submitted("run-c"), step_done("run-c", 1)]),
+                AppendRequest(run_id="run-a", events=[submitted("run-a")]),
+            ]
+        )
+        assert [outcomes(batch) for batch in results] == [
+            [(Outcome.CONFLICT, 0)],
+            [(Outcome.APPENDED, 2)],
+            [(Outcome.APPENDED, 1), (Outcome.APPENDED, 2)],
+            [(Outcome.DUPLICATE, 1)],
+        ]
+        assert results[0][0].current_seq == 1
+        assert [len(await history(store, run)) for run in ("run-a", "run-b", "run-c")] == [1, 2, 2]
         await store.close()
 
     async def test_lost_script_cache_is_reloaded(self) -> None:
