@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import zlib
 
+#: Runs whose keys :meth:`Keys.for_run` keeps built (a run is appended to many times).
+_RUN_KEYS_KEPT = 10_000
+
 
 class Keys:
     """Key names for one ``prefix`` and number of ``partitions``."""
 
-    __slots__ = ("partitions", "prefix")
+    __slots__ = ("_run_keys", "partitions", "prefix")
 
     def __init__(self, prefix: str = "flowlog", partitions: int = 16) -> None:
         if partitions < 1:
             raise ValueError(f"partitions must be >= 1, got {partitions}")
         self.prefix = prefix
         self.partitions = partitions
+        self._run_keys: dict[str, RunKeys] = {}
 
     def partition(self, run_id: str) -> int:
         """The partition of a run: a stable hash of its id, mod the partition count."""
@@ -65,8 +69,14 @@ class Keys:
         return f"{self.tag(partition)}:dead"
 
     def for_run(self, run_id: str) -> RunKeys:
-        """Every key of one run and of its partition, the partition computed once."""
-        return RunKeys(self, run_id)
+        """Every key of one run and of its partition, the partition computed once (built
+        once per run while the last ``_RUN_KEYS_KEPT`` runs are kept)."""
+        found = self._run_keys.get(run_id)
+        if found is None:
+            if len(self._run_keys) >= _RUN_KEYS_KEPT:
+                self._run_keys.clear()
+            found = self._run_keys[run_id] = RunKeys(self, run_id)
+        return found
 
 
 class RunKeys:
