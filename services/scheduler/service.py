@@ -190,8 +190,9 @@ class SchedulerService:
         log.warning("decisions still moving after %d rounds", MAX_REDECIDE)
 
     def _settle(self, state: RunState, now: int) -> None:
-        """Remember that deciding on ``state`` at ``now`` or later gives nothing new, unless a
-        timer of it is due already (see the module docstring); finished runs are dropped."""
+        """Remember that deciding on ``state`` again gives nothing new until one of its timers
+        is due (the timer loop decides the run then); not when one is due already at ``now``
+        (see the module docstring). Finished runs are dropped."""
         run_id = state.run_id
         self._settled.pop(run_id, None)
         if state.status in TERMINAL or any(due <= now for due, _, _ in state.timers):
