@@ -1,6 +1,7 @@
--- flowlog: acknowledge entries of a consumer group on several feeds in one call.
+-- flowlog: acknowledge entries of a consumer group on several streams (feeds or work
+-- streams) in one call.
 --
--- KEYS: the feeds. ARGV: 1 group, then per feed (in KEYS order) the number of ids, then ids.
+-- KEYS: the streams. ARGV: 1 group, then per stream (in KEYS order) the number of ids, then ids.
 -- Reply: the number of entries acknowledged.
 
 local CHUNK = 500 -- ids per XACK call (unpack has a stack limit)

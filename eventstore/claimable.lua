@@ -1,9 +1,10 @@
--- flowlog: entries of a consumer group idle for at least min_idle ms, over every feed, in one
--- call (instead of one XPENDING per partition feed from the client on every fetch).
+-- flowlog: entries of a consumer group idle for at least min_idle ms, over the stream it reads
+-- in every partition (the feed, or a queue's work stream), in one call (instead of one
+-- XPENDING per partition from the client on every fetch).
 --
--- KEYS: the partition feeds, in partition order.
+-- KEYS: the group's stream in each partition, in partition order.
 -- ARGV: 1 group, 2 min idle ms, 3 at most this many entries.
--- Reply: flat list of (partition, entry id) pairs, partition order, oldest first per feed.
+-- Reply: flat list of (partition, entry id) pairs, partition order, oldest first per stream.
 
 local out = {}
 local room = tonumber(ARGV[3])

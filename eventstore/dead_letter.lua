@@ -1,6 +1,7 @@
--- flowlog: move one feed entry to the dead-letter stream and acknowledge it, atomically.
+-- flowlog: move one feed (or work stream) entry to the dead-letter stream and acknowledge it,
+-- atomically.
 --
--- KEYS: 1 partition feed, 2 partition dead-letter stream.
+-- KEYS: 1 partition feed or work stream, 2 partition dead-letter stream.
 -- ARGV: 1 group, 2 entry id, 3 reason, 4 deliveries, 5 raw entry bytes.
 -- Reply: the dead-letter entry id.
 

@@ -1,7 +1,8 @@
--- flowlog: hand pending feed entries to a consumer again (own pending after a restart, or
--- entries idle long enough to be claimed), dead-lettering those delivered too often.
+-- flowlog: hand pending entries (of a feed or a work stream) to a consumer again (own pending
+-- after a restart, or entries idle long enough to be claimed), dead-lettering those delivered
+-- too often.
 --
--- KEYS: 1 partition feed, 2 partition dead-letter stream.
+-- KEYS: 1 partition feed or work stream, 2 partition dead-letter stream.
 -- ARGV: 1 group, 2 consumer, 3 min idle ms, 4 max deliveries, 5 '1': only entries this
 --       consumer owns ('0': any owner), 6 dead-letter reason prefix, 7.. entry ids.
 -- Reply: 3 values per entry handed out: entry id, this delivery's number, entry fields.
