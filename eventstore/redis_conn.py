@@ -7,6 +7,7 @@ once, at the edge.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -145,9 +146,20 @@ async def run_commands(client: aioredis.Redis, commands: Sequence[Sequence[Arg]]
 
     The hot path of a subscription (acknowledge, then read, on every fetch) goes through here
     rather than through a redis-py pipeline, whose bookkeeping cost a consumer about a third of
-    the CPU of each fetch. Nothing is retried: a read of new entries is not idempotent (what a
-    lost reply carried stays pending, to be claimed).
+    the CPU of each fetch. A lost connection is retried as the client's retry policy says, as
+    redis-py retries its own commands: acknowledgements are idempotent, and entries a lost
+    reply carried stay pending for the consumer, to be claimed.
     """
+    retry = client.get_retry()
+    if retry is None:
+        return await _exchange(client, commands)
+    replies: list[Any] = await retry.call_with_retry(
+        functools.partial(_exchange, client, commands), _connection_dropped
+    )
+    return replies
+
+
+async def _exchange(client: aioredis.Redis, commands: Sequence[Sequence[Arg]]) -> list[Any]:
     replies: list[Any] = []
     failure: ResponseError | None = None
     async with _connection(client) as connection:
@@ -163,6 +175,10 @@ async def run_commands(client: aioredis.Redis, commands: Sequence[Sequence[Arg]]
     if failure is not None:
         raise failure
     return replies
+
+
+async def _connection_dropped(error: Exception) -> None:
+    """Nothing to do before a retry: the failed connection was disconnected already."""
 
 
 @asynccontextmanager

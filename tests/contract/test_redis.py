@@ -22,7 +22,7 @@ from eventstore import codec
 from eventstore.errors import StoreUnavailable
 from eventstore.events import RunCompleted, RunRetryRequested
 from eventstore.keys import Keys
-from eventstore.redis_conn import Arg, command, redact_url, run_commands
+from eventstore.redis_conn import Arg, client_from_url, command, redact_url, run_commands
 from eventstore.redis_store import RUNS_PER_CALL, RedisStore
 from eventstore.store import (
     AppendRequest,
@@ -359,6 +359,42 @@ async def test_run_commands_reads_every_reply_and_raises_the_first_error(
     with pytest.raises(ResponseError, match="WRONGTYPE"):
         await run_commands(client, [["LPUSH", key, "x"], ["INCR", key], ["HGET", key, "f"]])
     assert await run_commands(client, [["GET", key], ["DEL", key]]) == [b"43", 1]
+    await client.aclose()
+
+
+async def blocked_reader(admin: aioredis.Redis, timeout_s: float = 10) -> int:
+    """The id of the client blocked in XREADGROUP, once there is one (polled)."""
+    with anyio.fail_after(timeout_s):
+        while True:
+            for line in (await command(admin, "CLIENT", "LIST")).decode().splitlines():
+                fields = dict(field.split("=", 1) for field in line.split(" ") if "=" in field)
+                if fields.get("cmd") == "xreadgroup" and "b" in fields.get("flags", ""):
+                    return int(fields["id"])
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_run_commands_retries_a_read_whose_connection_was_dropped(
+    redis_server: RedisServer,
+) -> None:
+    client = client_from_url(redis_server.url)
+    admin = admin_client(redis_server.url)
+    stream = f"retried-{uuid.uuid4().hex}"
+    await command(admin, "XGROUP", "CREATE", stream, "g", "0", "MKSTREAM")
+    read: list[Arg] = ["XREADGROUP", "GROUP", "g", "c", "BLOCK", 30_000, "STREAMS", stream, ">"]
+    replies: list[Any] = []
+
+    async def reader() -> None:
+        replies.extend(await run_commands(client, [read]))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        await command(admin, "CLIENT", "KILL", "ID", await blocked_reader(admin))
+        entry_id = await command(admin, "XADD", stream, "*", "f", "v")
+    # The read went out again on a new connection and got the entry.
+    assert replies == [[[stream.encode(), [[entry_id, [b"f", b"v"]]]]]]
+    await admin.aclose()
     await client.aclose()
 
 
