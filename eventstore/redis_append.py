@@ -66,9 +66,9 @@ class PreparedAppend:
         keys = self.keys
         # The work streams of the batch, after its dedup keys; an event names its own by
         # position (1-based, 0: none).
+        event_queues = [work_queue(envelope) for envelope in self.events]
         queues: dict[str, int] = {}
-        for envelope in self.events:
-            queue = work_queue(envelope)
+        for queue in event_queues:
             if queue is not None:
                 queues.setdefault(queue, len(queues) + 1)
         call_keys += (keys.run.encode(), keys.head.encode(), keys.snap.encode())
@@ -79,10 +79,9 @@ class PreparedAppend:
             b"%d" % len(queues),
         )
         audit = bool(config.audit_key)
-        for envelope, raw in zip(self.events, self.raws, strict=True):
+        for envelope, raw, queue in zip(self.events, self.raws, event_queues, strict=True):
             call_keys.append(keys.dedup(envelope.event_id).encode())
             event_type = envelope.type
-            queue = work_queue(envelope)
             args += (
                 codec.payload_digest(envelope).encode(),
                 raw,

@@ -44,9 +44,9 @@ class FeedMaintenance:
         Redis cannot say)."""
         with translate_errors(self.url):
             streams = await self._streams()
-            groups = await self._groups([stream for _, stream in streams])
+            groups = await self._groups([stream for _, stream, _ in streams])
             out = []
-            for (partition, stream), infos in zip(streams, groups, strict=True):
+            for (partition, stream, _), infos in zip(streams, groups, strict=True):
                 for info in infos:
                     lag = info[b"lag"]
                     if lag is None:
@@ -101,10 +101,9 @@ class FeedMaintenance:
         work_trimmed = dict.fromkeys(range(self._keys.partitions), 0)
         with translate_errors(self.url):
             streams = await self._streams()
-            floors = await self._min_keys([stream for _, stream in streams], max(horizon_ms, 0))
-        for (partition, stream), (ms, n) in zip(streams, floors, strict=True):
+            floors = await self._min_keys([stream for _, stream, _ in streams], max(horizon_ms, 0))
+        for (partition, stream, is_feed), (ms, n) in zip(streams, floors, strict=True):
             min_id = f"{ms}-{n}"
-            is_feed = stream == self._keys.feed(partition)
             if is_feed:
                 min_ids[partition] = min_id
             if (ms, n) == (0, 0):
@@ -125,16 +124,19 @@ class FeedMaintenance:
             trimmed=trimmed, min_ids=min_ids, dry_run=dry_run, work_trimmed=work_trimmed
         )
 
-    async def _streams(self) -> list[tuple[int, str]]:
-        """(partition, stream) of every feed and of every work stream in the queue sets."""
+    async def _streams(self) -> list[tuple[int, str, bool]]:
+        """(partition, stream, whether it is the feed) of every feed and of every work stream
+        in the queue sets."""
         partitions = range(self._keys.partitions)
         queues = await run_commands(
             self._client, [["SMEMBERS", self._keys.queues(p)] for p in partitions]
         )
         streams = []
         for partition, names in zip(partitions, queues, strict=True):
-            streams.append((partition, self._keys.feed(partition)))
-            streams += ((partition, self._keys.work(partition, q.decode())) for q in sorted(names))
+            streams.append((partition, self._keys.feed(partition), True))
+            streams += (
+                (partition, self._keys.work(partition, q.decode()), False) for q in sorted(names)
+            )
         return streams
 
     async def _groups(self, streams: Sequence[str]) -> list[list[dict[bytes, Any]]]:

@@ -30,7 +30,15 @@ from opentelemetry.trace import TracerProvider
 from eventstore.errors import StoreUnavailable
 from eventstore.events import Envelope
 from eventstore.ids import derived_event_id
-from eventstore.store import AppendRequest, AppendResult, Delivery, EventStore, Outcome, Timer
+from eventstore.store import (
+    PASSIVE_EVENT_TYPES,
+    AppendRequest,
+    AppendResult,
+    Delivery,
+    EventStore,
+    Outcome,
+    Timer,
+)
 from projections.run_state import TERMINAL, RunState, evolve
 from services.observability.logs import trace_field
 from services.observability.tracing import Cause, RunTracer
@@ -107,11 +115,12 @@ class SchedulerService:
         states: dict[str, RunState] = {}
         for run_id, events in by_run.items():
             state = await self.loader.advance(run_id, events)
-            # A checkpoint changes nothing a decision depends on: only keep the state current.
+            # Passive events (checkpoints) change nothing a decision depends on: only keep the
+            # state current.
             if (
                 state is not None
                 and state is not self._settled.get(run_id)
-                and any(e.type != "checkpoint_taken" for e in events)
+                and any(e.type not in PASSIVE_EVENT_TYPES for e in events)
             ):
                 states[run_id] = state
         await self._decide_and_append(states, causes=by_run)
