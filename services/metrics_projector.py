@@ -49,6 +49,24 @@ _COMMIT_TIMEOUT_S: Final = 10.0
 _MAX_UNACKED: Final = 5000
 
 
+class _Published:
+    """The model as last saved: its snapshot bytes, decoded into the copy scrapes read only when
+    one is read (once per save), so saving does not pay for a copy nobody looks at."""
+
+    __slots__ = ("_model", "applied", "state")
+
+    def __init__(self, state: bytes, applied: int) -> None:
+        self.state = state
+        self.applied = applied
+        self._model: MetricsModel | None = None
+
+    @property
+    def model(self) -> MetricsModel:
+        if self._model is None:
+            self._model = decode_model(self.state)
+        return self._model
+
+
 class MetricsProjector:
     """Keeps the metrics model of ``store`` up to date and exposes it on ``registry``."""
 
@@ -71,15 +89,15 @@ class MetricsProjector:
         self.refresh_s = refresh_s
         self.retry_s = retry_s
         self.commit_interval_s = commit_interval_s
-        self._saved = MetricsModel()
-        self._metrics = ProjectorMetrics(registry, lambda: self._saved)
+        self._saved = _Published(encode_model(MetricsModel()), 0)
+        self._metrics = ProjectorMetrics(registry, lambda: self._saved.model)
         self._stop = anyio.Event()
         self._committed = anyio.Event()
 
     @property
     def model(self) -> MetricsModel:
         """The model as last saved (what ``/metrics`` shows); do not mutate it."""
-        return self._saved
+        return self._saved.model
 
     async def wait_applied(self, count: int) -> None:
         """Wait until the saved and acknowledged model has folded at least ``count`` events."""
@@ -109,8 +127,9 @@ class MetricsProjector:
         every run's stream (the feed entries that follow are then ignored as repeats)."""
         snapshot = await self.store.get_snapshot(SNAPSHOT_ID)
         if snapshot is not None and snapshot.version == MODEL_VERSION:
-            self._saved = decode_model(snapshot.state)
-            return decode_model(snapshot.state)
+            model = decode_model(snapshot.state)
+            self._saved = _Published(snapshot.state, model.applied)
+            return model
         if snapshot is not None:
             log.warning(
                 "metrics snapshot has model version %d, not %d: rebuilding",
@@ -192,7 +211,7 @@ class MetricsProjector:
         await self.store.put_snapshot(
             Snapshot(run_id=SNAPSHOT_ID, seq=model.applied, version=MODEL_VERSION, state=state)
         )
-        self._saved = decode_model(state)
+        self._saved = _Published(state, model.applied)
 
     async def _refresh_loop(self) -> None:
         while True:
