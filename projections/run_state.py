@@ -139,7 +139,7 @@ class StepState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     ended_ms: int | None = None
     duration_ms: float | None = None
     items: list[Any] | None = None
-    units: list[UnitState] = []
+    units: tuple[UnitState, ...] = ()
     next_unit: int = 0
     done_units: int = 0
 
@@ -169,10 +169,10 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     generation: int = 0
     checkpoint_seq: int = 0
     steps: dict[str, StepState] = {}
-    ready: list[str] = []
-    fanning: list[str] = []
-    awaiting: list[tuple[str, int]] = []
-    timers: list[tuple[int, str, int]] = []
+    ready: tuple[str, ...] = ()
+    fanning: tuple[str, ...] = ()
+    awaiting: tuple[tuple[str, int], ...] = ()
+    timers: tuple[tuple[int, str, int], ...] = ()
     in_flight: int = 0
     unsettled: int = 0
 
@@ -203,9 +203,12 @@ class _Next:
         return fields[name] if name in fields else getattr(self.base, name)
 
     def edit(self, name: str) -> Any:
+        """A copy of the container ``name`` to change in place: a dict for ``steps``, a list
+        for the sequences (made tuples again by :meth:`changes`)."""
         if name not in self.owned:
             self.owned.add(name)
-            self.fields[name] = self.get(name).copy()
+            value = self.get(name)
+            self.fields[name] = dict(value) if name == "steps" else list(value)
         return self.fields[name]
 
     def set(self, **fields: Any) -> None:
@@ -229,8 +232,17 @@ class _Next:
         if value in self.get(name):
             self.edit(name).remove(value)
 
+    def changes(self) -> dict[str, Any]:
+        """The changed fields, sequences edited in place frozen into tuples."""
+        fields = self.fields
+        for name in self.owned:
+            value = fields[name]
+            if type(value) is list:
+                fields[name] = tuple(value)
+        return fields
+
     def build(self) -> RunState:
-        return _replace(self.base, **self.fields)
+        return _replace(self.base, **self.changes())
 
 
 def _awaits(unit: UnitState) -> bool:
@@ -271,7 +283,7 @@ def _put_unit(n: _Next, step: StepState, lane: int, unit: UnitState, **changes: 
         changes.setdefault("status", unit.status)
     elif unit.status == "running":
         changes.setdefault("status", "running")
-    return n.put(_replace(step, units=units, **changes))
+    return n.put(_replace(step, units=tuple(units), **changes))
 
 
 def _duration(started_ms: int | None, ended_ms: int) -> float | None:
@@ -313,7 +325,7 @@ def _end_step(n: _Next, step: StepState, status: str, ts: int, **changes: Any) -
         _replace(
             step,
             status=status,
-            units=units,
+            units=tuple(units),
             ended_ms=ts,
             duration_ms=_duration(step.started_ms, ts),
             **changes,
@@ -413,7 +425,7 @@ def _run_started(n: _Next, ts: int, e: RunStarted) -> None:
         status="running",
         started_ms=ts,
         steps=steps,
-        ready=[step_id for step_id, deps in plan.items() if not deps],
+        ready=tuple(step_id for step_id, deps in plan.items() if not deps),
         unsettled=len(steps),
     )
 
@@ -437,7 +449,7 @@ def _finish(n: _Next, ts: int, status: str, failed_step: str = "", **fields: Any
         if step.status not in SETTLED:
             _end_step(n, step, "failed" if step.id == failed_step else "cancelled", ts)
     n.set(status=status, ended_ms=ts, failed_step=failed_step, **fields)
-    n.set(ready=[], fanning=[], awaiting=[], timers=[], in_flight=0)
+    n.set(ready=(), fanning=(), awaiting=(), timers=(), in_flight=0)
 
 
 def _run_cancelled(n: _Next, ts: int, e: RunCancelled) -> None:
@@ -482,10 +494,10 @@ def _run_retry_requested(n: _Next, ts: int, e: RunRetryRequested) -> None:
         ended_ms=None,
         generation=n.base.generation + 1,
         steps=steps,
-        ready=[i for i, s in steps.items() if s.status == "pending" and s.waiting == 0],
-        fanning=[],
-        awaiting=[],
-        timers=[],
+        ready=tuple(i for i, s in steps.items() if s.status == "pending" and s.waiting == 0),
+        fanning=(),
+        awaiting=(),
+        timers=(),
         in_flight=0,
         unsettled=len(steps) - len(settled),
     )
@@ -564,7 +576,7 @@ def _step_fanned_out(n: _Next, ts: int, e: StepFannedOut) -> None:
         return
     n.discard("ready", step.id)
     items = list(e.items)
-    units = [UnitState(item=index) for index in range(len(items))]
+    units = tuple(UnitState(item=index) for index in range(len(items)))
     step = n.put(_replace(step, items=items, units=units, status="scheduled"))
     if items:
         n.edit("fanning").append(step.id)
@@ -715,7 +727,7 @@ def evolve(state: RunState | None, event: Envelope) -> RunState:
     n = _Next(state)
     _HANDLERS[kind](n, event.ts, event.data)
     return _replace(
-        state, **n.fields, seq=event.seq, last_event_id=event.event_id, updated_ms=event.ts
+        state, **n.changes(), seq=event.seq, last_event_id=event.event_id, updated_ms=event.ts
     )
 
 

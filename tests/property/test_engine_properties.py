@@ -294,7 +294,7 @@ def check_indexes(state: RunState) -> None:
     ]
     assert state.in_flight == sum(unit.status in IN_FLIGHT for _, _, unit in units)
     timers = sorted((u.due_ms, s, lane) for s, lane, u in units if u.due_ms is not None)
-    assert state.timers == timers
+    assert state.timers == tuple(timers)
     awaiting = {
         (s, lane) for s, lane, u in units if not u.done and u.status in SETTLED | {"failed"}
     }
@@ -306,7 +306,7 @@ def check_indexes(state: RunState) -> None:
         if step.status == "pending":
             assert step.waiting == sum(dep not in settled for dep in step.depends_on)
     if state.status in TERMINAL:
-        assert (state.ready, state.fanning, state.timers, state.in_flight) == ([], [], [], 0)
+        assert (state.ready, state.fanning, state.timers, state.in_flight) == ((), (), (), 0)
         return
     if state.status == "submitted":
         return

@@ -112,7 +112,7 @@ def test_start_creates_every_step_of_the_plan_with_readiness() -> None:
     assert all(step.status == "pending" for step in state.steps.values())
     assert state.steps["c"].depends_on == ("a", "b")
     assert state.steps["a"].dependents == ("b", "c")
-    assert state.ready == ["a"]
+    assert state.ready == ("a",)
     assert state.unsettled == 3
 
 
@@ -120,7 +120,7 @@ def test_a_unit_goes_scheduled_running_succeeded_and_readies_dependents() -> Non
     run = Run({"a": (), "b": ("a",)})
     state = run.add(StepScheduled(step="a", attempt=1, agent="echo", idempotency_key="k1"))
     assert state.steps["a"].status == "scheduled"
-    assert (state.in_flight, state.ready) == (1, [])
+    assert (state.in_flight, state.ready) == (1, ())
     state = run.add(StepStarted(step="a", attempt=1, agent="echo"))
     assert state.steps["a"].status == "running"
     assert state.steps["a"].started_ms == 4000
@@ -134,17 +134,17 @@ def test_a_unit_goes_scheduled_running_succeeded_and_readies_dependents() -> Non
     )
     assert (step.ended_ms, step.duration_ms) == (5000, 1000.0)
     assert step.units[0].idempotency_key == "k1"
-    assert (state.in_flight, state.ready, state.unsettled) == (0, ["b"], 1)
+    assert (state.in_flight, state.ready, state.unsettled) == (0, ("b",), 1)
 
 
 def test_timeouts_are_kept_as_timers_until_the_unit_ends() -> None:
     run = Run({"a": ()})
     state = run.add(StepScheduled(step="a", attempt=1, agent="echo", timeout_s=2.5), ts=10_000)
-    assert state.timers == [(10_000 + 2500 + START_GRACE_MS, "a", 0)]
+    assert state.timers == ((10_000 + 2500 + START_GRACE_MS, "a", 0),)
     state = run.add(StepStarted(step="a", attempt=1, agent="echo"), ts=11_000)
-    assert state.timers == [(13_500, "a", 0)]
+    assert state.timers == ((13_500, "a", 0),)
     state = run.add(StepSucceeded(step="a", attempt=1, agent="echo"), ts=12_000)
-    assert state.timers == []
+    assert state.timers == ()
 
 
 def test_an_event_already_applied_changes_nothing() -> None:
@@ -176,12 +176,12 @@ def test_a_late_failure_of_an_old_attempt_is_recorded_nowhere() -> None:
     run = Run({"a": ()})
     run.add(StepScheduled(step="a", attempt=1, agent="echo"))
     run.add(StepFailed(step="a", attempt=1, agent="echo", error=BOOM))
-    assert run.now.awaiting == [("a", 0)]
+    assert run.now.awaiting == (("a", 0),)
     state = run.add(StepRetryScheduled(step="a", attempt=2, delay_s=1.0, due_ms=9000))
     assert (state.steps["a"].status, state.awaiting, state.timers) == (
         "retry_wait",
-        [],
-        [(9000, "a", 0)],
+        (),
+        ((9000, "a", 0),),
     )
     before = run.add(StepScheduled(step="a", attempt=2, agent="echo"))
     after = run.add(StepFailed(step="a", attempt=1, agent="echo", error=BOOM))
@@ -235,20 +235,20 @@ def test_fan_out_collects_item_outputs_in_item_order() -> None:
         "scheduled",
         ["x", "y", "z"],
         3,
-        ["f"],
-        [],
+        ("f",),
+        (),
     )
     for item in (0, 1, 2):
         state = run.add(StepScheduled(step="f", attempt=1, agent="echo", item=item))
         assert state.steps["f"].next_unit == item + 1
-    assert state.fanning == []
+    assert state.fanning == ()
     assert state.in_flight == 3
     for item in (2, 0):
         run.add(StepSucceeded(step="f", attempt=1, agent="echo", output=item * 10, item=item))
     assert run.now.steps["f"].status == "scheduled"
     state = run.add(StepSucceeded(step="f", attempt=1, agent="echo", output=10, item=1))
     assert (state.steps["f"].status, state.steps["f"].output) == ("succeeded", [0, 10, 20])
-    assert state.ready == ["g"]
+    assert state.ready == ("g",)
 
 
 def test_an_empty_fan_out_succeeds_with_an_empty_list() -> None:
@@ -258,13 +258,13 @@ def test_an_empty_fan_out_succeeds_with_an_empty_list() -> None:
         [],
         False,
     )
-    assert (state.ready, state.fanning, state.unsettled) == (["g"], [], 1)
+    assert (state.ready, state.fanning, state.unsettled) == (("g",), (), 1)
 
 
 def test_a_loop_keeps_the_last_iteration_output_once_completed() -> None:
     run = Run({"l": ()})
     state = run.run_unit("l", output="first", iteration=1)
-    assert (state.steps["l"].status, state.awaiting) == ("running", [("l", 0)])
+    assert (state.steps["l"].status, state.awaiting) == ("running", (("l", 0),))
     state = run.run_unit("l", output="second", iteration=2)
     assert state.steps["l"].units[0].iteration == 2
     state = run.add(LoopCompleted(step="l", iteration=1))
@@ -273,7 +273,7 @@ def test_a_loop_keeps_the_last_iteration_output_once_completed() -> None:
     assert (state.steps["l"].status, state.steps["l"].output, state.awaiting) == (
         "succeeded",
         "second",
-        [],
+        (),
     )
     assert state.steps["l"].attempts == 2
 
@@ -292,7 +292,7 @@ def test_a_skip_for_failure_marks_the_run_degraded_and_satisfies_dependents() ->
         "non-critical failure",
         None,
     )
-    assert (state.degraded, state.ready, state.awaiting, state.unsettled) == (True, ["b"], [], 1)
+    assert (state.degraded, state.ready, state.awaiting, state.unsettled) == (True, ("b",), (), 1)
 
 
 def test_skipping_a_step_in_flight_cancels_its_units() -> None:
@@ -301,7 +301,7 @@ def test_skipping_a_step_in_flight_cancels_its_units() -> None:
     run.add(StepScheduled(step="f", attempt=1, agent="echo", item=0))
     state = run.add(StepSkipped(step="f", reason="r", error=BOOM))
     assert [unit.status for unit in state.steps["f"].units] == ["cancelled", "cancelled"]
-    assert (state.in_flight, state.fanning, state.timers) == (0, [], [])
+    assert (state.in_flight, state.fanning, state.timers) == (0, (), ())
 
 
 def test_run_failed_fails_its_step_and_cancels_the_unsettled_rest() -> None:
@@ -318,7 +318,7 @@ def test_run_failed_fails_its_step_and_cancels_the_unsettled_rest() -> None:
     statuses = {step_id: step.status for step_id, step in state.steps.items()}
     assert statuses == {"a": "failed", "b": "succeeded", "c": "cancelled"}
     assert state.steps["a"].error == BOOM
-    assert (state.in_flight, state.timers, state.ready) == (0, [], [])
+    assert (state.in_flight, state.timers, state.ready) == (0, (), ())
 
 
 def test_a_finished_run_ignores_everything_but_retry_and_checkpoints() -> None:
@@ -365,7 +365,7 @@ def test_retry_resets_the_named_and_unfinished_steps() -> None:
     run.add(StepFailed(step="b", attempt=1, agent="echo", error=BOOM))
     run.add(RunFailed(error=BOOM, step="b"))
     state = run.add(RunRetryRequested(reset_steps=("zz",)))
-    assert (state.status, state.generation, state.ready) == ("running", 1, ["b"])
+    assert (state.status, state.generation, state.ready) == ("running", 1, ("b",))
     assert same_but_position(state, run.add(RunRetryRequested(reset_steps=("a",))))
     run.add(RunFailed(error=BOOM, step="b"))
     state = run.add(RunRetryRequested(reset_steps=("a",)))
@@ -382,7 +382,7 @@ def test_retry_resets_the_named_and_unfinished_steps() -> None:
         "c": ("pending", 0),
         "d": ("succeeded", 1),
     }
-    assert (state.ready, state.unsettled, state.steps["b"].waiting) == (["a"], 3, 1)
+    assert (state.ready, state.unsettled, state.steps["b"].waiting) == (("a",), 3, 1)
 
 
 def test_retry_of_a_run_cancelled_before_it_started_starts_it_again() -> None:
@@ -390,7 +390,7 @@ def test_retry_of_a_run_cancelled_before_it_started_starts_it_again() -> None:
     run.add(RunCancelled())
     state = run.add(RunRetryRequested())
     assert (state.status, state.steps) == ("submitted", {})
-    assert run.add(RunStarted(plan={"a": ()})).ready == ["a"]
+    assert run.add(RunStarted(plan={"a": ()})).ready == ("a",)
 
 
 def test_retry_recomputes_degradation_from_the_kept_steps() -> None:
