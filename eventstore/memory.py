@@ -136,6 +136,15 @@ class _Feed:
         self.entries.append(entry)
         return entry
 
+    def count_below(self, key: EntryKey) -> int:
+        """How many entries have an id below ``key`` (what ``XTRIM MINID`` would drop)."""
+        return bisect.bisect_left(self.entries, key, key=lambda e: e.key)
+
+    def drop(self, count: int) -> None:
+        """Trim the first ``count`` entries."""
+        del self.entries[:count]
+        self.offset += count
+
 
 class _Pending(msgspec.Struct, gc=False):
     consumer: str
@@ -745,38 +754,36 @@ class MemoryStore:
         work_trimmed = dict.fromkeys(range(self.config.partitions), 0)
         async with self._trim_lock:
             for partition, feed in enumerate(self._feeds):
-                min_key = self._min_key(feed, horizon_ms)
-                count = bisect.bisect_left(feed.entries, min_key, key=lambda e: e.key)
+                min_key = self._min_key(partition, feed, horizon_ms)
+                count = feed.count_below(min_key)
                 trimmed[partition] = count
                 min_ids[partition] = f"{min_key[0]}-{min_key[1]}"
                 if dry_run or not count:
                     continue
                 if archive is not None:
                     await archive(partition, self._decodable(partition, feed.entries[:count]))
-                del feed.entries[:count]
-                feed.offset += count
+                feed.drop(count)
             for feeds in self._work.values():
                 for partition, feed in enumerate(feeds):
-                    min_key = self._min_key(feed, horizon_ms)
-                    count = bisect.bisect_left(feed.entries, min_key, key=lambda e: e.key)
+                    count = feed.count_below(self._min_key(partition, feed, horizon_ms))
                     work_trimmed[partition] += count
                     if not dry_run:
-                        del feed.entries[:count]
-                        feed.offset += count
+                        feed.drop(count)
         return TrimReport(
             trimmed=trimmed, min_ids=min_ids, dry_run=dry_run, work_trimmed=work_trimmed
         )
 
-    def _min_key(self, feed: _Feed, horizon_ms: int) -> EntryKey:
-        """The least of the horizon and the progress of every group reading ``feed``."""
+    def _min_key(self, partition: int, feed: _Feed, horizon_ms: int) -> EntryKey:
+        """The least of the horizon and the progress of every group reading ``feed`` (the
+        partition's feed or one of its work streams)."""
         min_key: EntryKey = (horizon_ms, 0)
         for groups in self._groups.values():
-            for group in groups:
-                if group.feed is not feed:
-                    continue
-                min_key = min(min_key, (group.last_key[0], group.last_key[1] + 1))
-                if group.pending:
-                    min_key = min(min_key, next(iter(group.pending.values())).entry.key)
+            group = groups[partition]
+            if group.feed is not feed:
+                continue
+            min_key = min(min_key, (group.last_key[0], group.last_key[1] + 1))
+            if group.pending:
+                min_key = min(min_key, next(iter(group.pending.values())).entry.key)
         return min_key
 
     @staticmethod

@@ -149,28 +149,29 @@ class SchedulerService:
                 wakes[run_id] = decision.wake_at_ms
                 if not decision.events:
                     self._settle(state, now)
-                if decision.events and decision.state is not None:
-                    decided[run_id] = decision.state
-                    traceparent = spans.start(run_id, definition.name, state.seq, decision.events)
-                    requests.append(
-                        AppendRequest(
-                            run_id=run_id,
-                            events=[
-                                self.producer.envelope(
-                                    run_id,
-                                    data,
-                                    event_id=derived_event_id(
-                                        run_id, state.seq, i, type(data).__name__
-                                    ),
-                                    causation_id=state.last_event_id,
-                                    traceparent=traceparent,
-                                    ts=now,
-                                )
-                                for i, data in enumerate(decision.events)
-                            ],
-                            expected_seq=state.seq,
-                        )
+                    continue
+                assert decision.state is not None  # decide() always sets it
+                decided[run_id] = decision.state
+                traceparent = spans.start(run_id, definition.name, state.seq, decision.events)
+                requests.append(
+                    AppendRequest(
+                        run_id=run_id,
+                        events=[
+                            self.producer.envelope(
+                                run_id,
+                                data,
+                                event_id=derived_event_id(
+                                    run_id, state.seq, i, type(data).__name__
+                                ),
+                                causation_id=state.last_event_id,
+                                traceparent=traceparent,
+                                ts=now,
+                            )
+                            for i, data in enumerate(decision.events)
+                        ],
+                        expected_seq=state.seq,
                     )
+                )
             await self._arm_timers(wakes, woken, spans.traceparent)
             if not requests:
                 return
