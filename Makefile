@@ -1,7 +1,12 @@
 # flowlog: the two commands of the README.
 #   make demo  — set up and run the end-to-end demo on the embedded in-memory store
 #   make test  — set up (virtualenv, redis-server, prometheus) and run the whole test suite
-PYTHON ?= python3
+# The virtualenv is built from the distribution's CPython when it is 3.11 or newer (Debian
+# builds it with profile-guided and link-time optimisation, as the python image the services
+# ship in is built), else from python3 on PATH, which a version manager may have made a plain
+# build (see "Benchmarks" in the README). `make PYTHON=...` picks another.
+PYTHON ?= $(shell /usr/bin/python3 -c 'import ensurepip, sys; sys.exit(sys.version_info < (3, 11))' \
+	2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
