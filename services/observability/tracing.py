@@ -242,7 +242,7 @@ class RunTracer:
 
     def feed(self, run_id: str) -> str:
         """The partition feed the run's events go through."""
-        return self._keys.feed(self._keys.partition(run_id))
+        return self._keys.for_run(run_id).feed
 
     @contextmanager
     def sending(self, name: str, event: Envelope, parent: str = "") -> Iterator[Envelope]:
@@ -336,9 +336,7 @@ class RunTracer:
         attributes: dict[str, AttributeValue] = {
             MESSAGING_SYSTEM: "redis",
             MESSAGING_OPERATION_TYPE: "process",
-            MESSAGING_DESTINATION: self._keys.work(
-                self._keys.partition(envelope.run_id), scheduled.queue
-            ),
+            MESSAGING_DESTINATION: self._keys.for_run(envelope.run_id).work(scheduled.queue),
             MESSAGING_CONSUMER_GROUP: group,
             MESSAGING_MESSAGE_ID: envelope.event_id,
             RUN_ID: envelope.run_id,
