@@ -344,13 +344,15 @@ def _succeed(n: _Next, step: StepState, ts: int) -> None:
         output: Any = step.units[0].output
     else:
         output = [unit.output for unit in step.units]
+    # all() over a list, not a generator: a generator it leaves unfinished is closed by raising
+    # GeneratorExit in it, an exception per step succeeded.
     step = n.put(
         _replace(
             step,
             status="succeeded",
             output=output,
             error=None,
-            cached=bool(step.units) and all(unit.cached for unit in step.units),
+            cached=bool(step.units) and all([unit.cached for unit in step.units]),
             ended_ms=ts,
             duration_ms=_duration(step.started_ms, ts),
         )

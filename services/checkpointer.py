@@ -250,14 +250,18 @@ class Checkpointer:
             except DefinitionError:
                 levels = {}
             self._levels[state.digest] = levels
-        return any(
-            step in levels
-            and all(
-                (found := state.steps.get(peer)) is not None and found.status in STEP_FINAL
-                for peer in levels[step]
-            )
-            for step in settled
-        )
+        # Loops and lists rather than any()/all() over generators, which raise GeneratorExit in
+        # a generator they leave unfinished (this runs for every batch of every run).
+        steps = state.steps
+        for step in settled:
+            if step in levels and all(
+                [
+                    (found := steps.get(peer)) is not None and found.status in STEP_FINAL
+                    for peer in levels[step]
+                ]
+            ):
+                return True
+        return False
 
     async def checkpoint(self, *states: RunState) -> None:
         """Snapshot each state and record it in the log: all snapshots in one round trip,

@@ -18,8 +18,8 @@ import hashlib
 import inspect
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, nullcontext
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from enum import StrEnum
 from typing import Any, Final, cast
 
@@ -104,21 +104,11 @@ class CircuitBreaker:
         """Counted failures since the last success."""
         return self._failures
 
-    @contextmanager
-    def guard(self) -> Iterator[None]:
+    def guard(self) -> _Guard:
         """Admit one call (or raise :class:`CircuitOpen`) and record how the block ends: an
         exception that is retryable counts as a failure, anything else that returns or raises
         as a success; a cancelled call records nothing."""
-        probe = self._admit()
-        failed: bool | None = None
-        try:
-            yield
-            failed = False
-        except Exception as exc:
-            failed = as_agent_error(exc).retryable
-            raise
-        finally:
-            self._record(probe=probe, failed=failed)
+        return _Guard(self)
 
     def _reset_due(self) -> bool:
         return self._clock() >= self._opened_at + self.reset_timeout_s
@@ -152,6 +142,29 @@ class CircuitBreaker:
     def _open(self) -> None:
         self._state = BreakerState.OPEN
         self._opened_at = self._clock()
+
+
+class _Guard:
+    """One call through a :class:`CircuitBreaker` (see :meth:`CircuitBreaker.guard`)."""
+
+    __slots__ = ("_breaker", "_probe")
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self._breaker = breaker
+        self._probe = False
+
+    def __enter__(self) -> None:
+        self._probe = self._breaker._admit()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        failed: bool | None = None
+        if exc is None:
+            failed = False
+        elif isinstance(exc, Exception):
+            failed = as_agent_error(exc).retryable
+        self._breaker._record(probe=self._probe, failed=failed)
 
 
 class Bulkhead:
@@ -354,7 +367,7 @@ class AgentExecutor:
         cache (:meth:`cached`)."""
         started = self._clock()
         key = _cache_key(agent, inputs, cache_ttl_s)
-        with self._breaker(agent, inputs).guard(), _agent_errors():
+        with self._breaker(agent, inputs).guard(), _agent_errors:
             output = agent.call(inputs, ctx)
         return self._done(started, key, output, cache_ttl_s)
 
@@ -440,20 +453,30 @@ def _cache_key(agent: Agent, inputs: dict[str, Any], cache_ttl_s: float | None) 
     return cache_key(agent.name, agent.version, inputs) if _ttl(cache_ttl_s) else ""
 
 
-@contextmanager
-def _agent_errors() -> Iterator[None]:
-    """Any exception of an agent's own code comes out as an :class:`AgentError`."""
-    try:
-        yield
-    except AgentError:
-        raise
-    except Exception as exc:
-        raise as_agent_error(exc) from exc
+class _AgentErrors:
+    """Any exception of an agent's own code comes out as an :class:`AgentError`.
+
+    A class rather than a generator context manager: it wraps every step's call, and leaving
+    a generator raises ``StopIteration`` inside it, an exception per call."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if isinstance(exc, Exception) and not isinstance(exc, AgentError):
+            raise as_agent_error(exc) from exc
+
+
+_agent_errors: Final = _AgentErrors()
 
 
 async def _run_with_timeout(agent: Agent, inputs: dict[str, Any], ctx: AgentContext) -> Any:
     """Run the agent within ``ctx.timeout_s``; any exception comes out as an AgentError."""
-    with anyio.move_on_after(ctx.timeout_s), _agent_errors():
+    with anyio.move_on_after(ctx.timeout_s), _agent_errors:
         return await agent.run(inputs, ctx)
     raise AgentError(
         "StepTimeout",

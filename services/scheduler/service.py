@@ -116,11 +116,12 @@ class SchedulerService:
         for run_id, events in by_run.items():
             state = await self.loader.advance(run_id, events)
             # Passive events (checkpoints) change nothing a decision depends on: only keep the
-            # state current.
+            # state current. (A list, not a generator any() would leave unfinished, to be closed
+            # by raising GeneratorExit in it.)
             if (
                 state is not None
                 and state is not self._settled.get(run_id)
-                and any(e.type not in PASSIVE_EVENT_TYPES for e in events)
+                and not PASSIVE_EVENT_TYPES.issuperset([e.type for e in events])
             ):
                 states[run_id] = state
         await self._decide_and_append(states, causes=by_run)
