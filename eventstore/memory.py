@@ -32,7 +32,7 @@ import msgspec
 from eventstore import codec
 from eventstore.audit import chain_mac, content_digest
 from eventstore.errors import DecodeError, EventTooLarge, InvalidAppend, StoreClosed
-from eventstore.events import Envelope
+from eventstore.events import EVENT_TYPES, Envelope
 from eventstore.keys import Keys
 from eventstore.store import (
     PASSIVE_EVENT_TYPES,
@@ -59,6 +59,11 @@ from eventstore.store import (
 EntryKey = tuple[int, int]
 
 _DEFAULT_CONFIG: Final = StoreConfig()
+#: The head status and passive event types by payload class (looked up per append).
+_STATUS_BY_KIND: Final = {
+    EVENT_TYPES[name]: status for name, status in STATUS_BY_EVENT_TYPE.items()
+}
+_PASSIVE: Final = frozenset(EVENT_TYPES[name] for name in PASSIVE_EVENT_TYPES)
 _READ_PAGE: Final = 1000
 
 
@@ -84,6 +89,9 @@ class _Entry(msgspec.Struct, gc=False):
     envelope: Envelope | None = None
     #: The entry's first delivery to a group, the same for every group (made once).
     first: Delivery | None = None
+    #: Until when (ms) the entry is its event id's dedup record. A repeat is compared with it
+    #: by the payload digest of its bytes, computed only when a repeat comes.
+    dedup_until: int = 0
 
     def decoded(self, where: str) -> Envelope:
         """The entry's envelope; raises :class:`DecodeError` naming ``where``."""
@@ -105,14 +113,6 @@ class _Run:
         self.hash = ""
         self.mac = ""
         self.expires_at: int | None = None
-
-
-class _Dedup(msgspec.Struct, gc=False):
-    """A dedup record: the entry an event id was first written as. The payload digest a repeat
-    is compared with is computed from the entry's bytes only when a repeat comes."""
-
-    entry: _Entry
-    expires_at: int
 
 
 class _Feed:
@@ -392,7 +392,7 @@ class MemoryStore:
         self._run_expiry: list[tuple[int, str]] = []
         self._snapshots: dict[str, Snapshot] = {}
         self._feeds = [_Feed() for _ in range(config.partitions)]
-        self._dedup: list[dict[str, _Dedup]] = [{} for _ in range(config.partitions)]
+        self._dedup: list[dict[str, _Entry]] = [{} for _ in range(config.partitions)]
         self._dedup_expiry: deque[tuple[int, int, str]] = deque()
         #: Groups by (name, queue): queue None for groups on the feeds.
         self._groups: dict[tuple[str, str | None], list[_Group]] = {}
@@ -480,14 +480,13 @@ class MemoryStore:
         for index, (envelope, raw) in enumerate(prepared):
             event_id = envelope.event_id
             known = dedup.get(event_id)
-            if known is not None and known.expires_at > now:
-                entry = known.entry
-                same = codec.stored_payload_digest(entry.raw) == codec.stored_payload_digest(raw)
+            if known is not None and known.dedup_until > now:
+                same = codec.stored_payload_digest(known.raw) == codec.stored_payload_digest(raw)
                 results[index] = AppendResult(
                     event_id=event_id,
                     outcome=Outcome.DUPLICATE if same else Outcome.MISMATCH,
-                    seq=entry.seq,
-                    entry_id=entry.entry_id,
+                    seq=known.seq,
+                    entry_id=known.entry_id,
                 )
             elif event_id in first_in_batch:
                 repeats.append((index, first_in_batch[event_id]))
@@ -537,23 +536,24 @@ class MemoryStore:
             seq = len(entries) + 1
             entry = feed.add(now, seq, raw)
             try:
-                entry.envelope = codec.decode(raw, seq=seq)
+                entry.envelope = decoded = codec.decode(raw, seq=seq)
             except DecodeError as exc:
                 raise DecodeError(f"run {run_id} seq {seq}: {exc}") from exc
             entries.append(entry)
             queue = work_queue(envelope)
             if queue is not None:
-                self._work_feeds(queue)[partition].add(now, seq, raw).envelope = entry.envelope
+                self._work_feeds(queue)[partition].add(now, seq, raw).envelope = decoded
             run.hash = entry.hash = codec.chain_hash(run.hash, seq, raw)
             if key:
                 run.mac = entry.mac = chain_mac(key, run.mac, seq, content_digest(raw))
             event_id = envelope.event_id
-            dedup[event_id] = _Dedup(entry, dedup_expires)
+            entry.dedup_until = dedup_expires
+            dedup[event_id] = entry
             expiry.append((dedup_expires, partition, event_id))
-            event_type = envelope.type
-            if event_type not in PASSIVE_EVENT_TYPES:
+            kind = type(envelope.data)
+            if kind not in _PASSIVE:
                 run.ver = seq
-            status = STATUS_BY_EVENT_TYPE.get(event_type)
+            status = _STATUS_BY_KIND.get(kind)
             if status is not None:
                 run.status = status
                 if status in TERMINAL_STATUSES:
@@ -803,7 +803,7 @@ class MemoryStore:
         while expiry and expiry[0][0] <= now:
             _, partition, event_id = expiry.popleft()
             record = self._dedup[partition].get(event_id)
-            if record is not None and record.expires_at <= now:
+            if record is not None and record.dedup_until <= now:
                 del self._dedup[partition][event_id]
         runs = self._run_expiry
         while runs and runs[0][0] <= now:
