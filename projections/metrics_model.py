@@ -185,8 +185,9 @@ def apply(model: MetricsModel, envelope: Envelope) -> MetricsModel:
         return model
     track.last_seq = envelope.seq
     model.applied += 1
-    _inc(model.events, envelope.type)
-    _fold_run(model, track, envelope)
+    kind = envelope.type
+    _inc(model.events, kind)
+    _fold_run(model, track, envelope, kind)
     _fold_step(model, track, envelope)
     _place(model, run_id, track)
     return model
@@ -208,7 +209,7 @@ def _millis(start_ms: int, end_ms: int) -> int:
     return max(0, end_ms - start_ms)
 
 
-def _fold_run(model: MetricsModel, track: RunTrack, envelope: Envelope) -> None:
+def _fold_run(model: MetricsModel, track: RunTrack, envelope: Envelope, kind: str) -> None:
     data = envelope.data
     if isinstance(data, RunSubmitted):
         track.workflow = data.workflow
@@ -216,7 +217,7 @@ def _fold_run(model: MetricsModel, track: RunTrack, envelope: Envelope) -> None:
         _inc(model.runs_submitted, data.workflow)
         for final in _FINAL_STATUSES:
             model.runs_finished.setdefault((data.workflow, final), 0)
-    status = STATUS_BY_EVENT_TYPE.get(envelope.type)
+    status = STATUS_BY_EVENT_TYPE.get(kind)
     if status is None:
         return
     track.status = status
@@ -286,8 +287,9 @@ def _step_millis(unit: StepTrack | None, end_ts: int, reported_ms: float) -> int
 def _place(model: MetricsModel, run_id: str, track: RunTrack) -> None:
     """Keep ``track`` among open runs, or among the most recently touched finished ones."""
     if track.status in OPEN_STATUSES:
-        model.finished_runs.pop(run_id, None)
-        model.open_runs[run_id] = track
+        if model.open_runs.get(run_id) is not track:
+            model.finished_runs.pop(run_id, None)
+            model.open_runs[run_id] = track
         return
     model.open_runs.pop(run_id, None)
     model.finished_runs.pop(run_id, None)
