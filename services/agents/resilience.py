@@ -145,7 +145,8 @@ class CircuitBreaker:
 
 
 class _Guard:
-    """One call through a :class:`CircuitBreaker` (see :meth:`CircuitBreaker.guard`)."""
+    """One call through a :class:`CircuitBreaker` (see :meth:`CircuitBreaker.guard`); a class
+    rather than a generator context manager, for the reason :class:`_AgentErrors` gives."""
 
     __slots__ = ("_breaker", "_probe")
 
