@@ -146,7 +146,7 @@ local function append_run(k, a)
       call('SET', KEYS[first_key + i], id .. ' ' .. s .. ' ' .. ARGV[base + 1], 'PX', dedup_ttl)
       if seq == 1 then
         local now = call('TIME')
-        call('ZADD', RUNS, 'NX', now[1] * 1000 + now[2] / 1000, run_id)
+        call('ZADD', RUNS, now[1] * 1000 + now[2] / 1000, run_id)
       end
       if ARGV[base + 6] == '' then
         ver = seq

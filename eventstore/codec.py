@@ -6,12 +6,12 @@ Encoders and decoders are module-level singletons (creating them is the expensiv
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import msgspec
 
-from eventstore.errors import DecodeError
+from eventstore.errors import DecodeError, EventNotEncodable, EventTooLarge, InvalidAppend
 from eventstore.events import SCHEMA_VERSION, Envelope
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
@@ -28,8 +28,12 @@ _JSON_RAW_DECODER: Final = msgspec.json.Decoder(dict[str, Any])
 
 
 def encode(envelope: Envelope) -> bytes:
-    """The msgpack bytes stored in the log."""
-    return _MSGPACK_ENCODER.encode(envelope)
+    """The msgpack bytes stored in the log; raises :class:`EventNotEncodable` for an event
+    holding a value msgpack cannot carry (an integer beyond 64 bits, a non-data object)."""
+    try:
+        return _MSGPACK_ENCODER.encode(envelope)
+    except (msgspec.EncodeError, OverflowError, TypeError) as exc:
+        raise EventNotEncodable(envelope.event_id, envelope.run_id, str(exc)) from exc
 
 
 def encode_value(value: Any) -> bytes:
@@ -72,6 +76,43 @@ def decode(data: bytes, *, seq: int = 0, where: str = "event") -> Envelope:
     if seq:
         envelope = msgspec.structs.replace(envelope, seq=seq)
     return envelope
+
+
+def encode_append(
+    run_id: str, events: Sequence[Envelope], expected_seq: int | None, max_event_bytes: int
+) -> list[tuple[Envelope, bytes]]:
+    """One run's append checked and encoded as every backend stores it, before anything is
+    written: per event, the envelope read back from its bytes (seq 0: the store assigns it;
+    what readers get) and the bytes.
+
+    Raises :class:`InvalidAppend` (no run id, a negative expected seq, an event of another
+    run, an empty event id), :class:`EventTooLarge` (over ``max_event_bytes``) and
+    :class:`EventNotEncodable` (a value msgpack cannot carry, or bytes that do not read back:
+    a producer that put a field of the wrong type in an event would otherwise write an entry
+    no reader can decode).
+    """
+    if not run_id:
+        raise InvalidAppend("an append needs a run id")
+    if expected_seq is not None and expected_seq < 0:
+        raise InvalidAppend(f"run {run_id!r}: expected seq {expected_seq} is negative")
+    prepared = []
+    for envelope in events:
+        event_id = envelope.event_id
+        if envelope.run_id != run_id:
+            raise InvalidAppend(
+                f"event {event_id!r} belongs to run {envelope.run_id!r}, not to run {run_id!r}"
+            )
+        if not event_id:
+            raise InvalidAppend(f"an event of run {run_id!r} has an empty event id")
+        raw = encode(msgspec.structs.replace(envelope, seq=0) if envelope.seq else envelope)
+        if len(raw) > max_event_bytes:
+            raise EventTooLarge(event_id, len(raw), max_event_bytes)
+        try:
+            stored = decode(raw)
+        except DecodeError as exc:
+            raise EventNotEncodable(event_id, run_id, f"it does not read back ({exc})") from exc
+        prepared.append((stored, raw))
+    return prepared
 
 
 def to_json_line(envelope: Envelope) -> bytes:

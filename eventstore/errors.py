@@ -36,21 +36,41 @@ class ConcurrencyConflict(StoreError):
         self.current = current
 
 
-class EventTooLarge(StoreError):
+class InvalidAppend(StoreError):
+    """An append request is malformed (wrong run id, empty event id, mixed runs...)."""
+
+
+class EventRejected(InvalidAppend):
+    """One event of an append cannot be stored as it is; nothing of the append was written.
+    ``event_id`` names the event."""
+
+    def __init__(self, event_id: str, message: str) -> None:
+        super().__init__(message)
+        self.event_id = event_id
+
+
+class EventTooLarge(EventRejected):
     """An encoded event is over ``max_event_bytes``; nothing was written."""
 
     def __init__(self, event_id: str, size: int, limit: int) -> None:
         super().__init__(
+            event_id,
             f"event {event_id!r} is {size} bytes encoded, over the limit of {limit} bytes"
-            " (max_event_bytes); nothing was written"
+            " (max_event_bytes); nothing was written",
         )
-        self.event_id = event_id
         self.size = size
         self.limit = limit
 
 
-class InvalidAppend(StoreError):
-    """An append request is malformed (wrong run id, empty event id, mixed runs...)."""
+class EventNotEncodable(EventRejected):
+    """An event holds a value the log cannot store (an integer beyond 64 bits, a field of the
+    wrong type that would not read back); nothing was written."""
+
+    def __init__(self, event_id: str, run_id: str, reason: str) -> None:
+        super().__init__(
+            event_id,
+            f"event {event_id!r} of run {run_id!r} cannot be stored: {reason}; nothing was written",
+        )
 
 
 class DecodeError(FlowlogError):

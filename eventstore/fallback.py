@@ -211,19 +211,7 @@ class FallbackStore(StoreWrapper):
 
     def _validate(self, run_id: str, events: Sequence[Envelope]) -> None:
         """The primary's checks, made before spooling (the drain must not find them later)."""
-        if not run_id:
-            raise InvalidAppend("an append needs a run id")
-        for event in events:
-            if event.run_id != run_id:
-                raise InvalidAppend(
-                    f"event {event.event_id!r} belongs to run {event.run_id!r},"
-                    f" not to run {run_id!r}"
-                )
-            if not event.event_id:
-                raise InvalidAppend(f"an event of run {run_id!r} has an empty event id")
-            size = len(codec.encode(msgspec.structs.replace(event, seq=0)))
-            if size > self.config.max_event_bytes:
-                raise EventTooLarge(event.event_id, size, self.config.max_event_bytes)
+        codec.encode_append(run_id, events, None, self.config.max_event_bytes)
 
     async def _spool_append(self, run_id: str, events: Sequence[Envelope]) -> list[AppendResult]:
         self._validate(run_id, events)

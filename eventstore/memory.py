@@ -31,7 +31,7 @@ import msgspec
 
 from eventstore import codec
 from eventstore.audit import chain_mac, content_digest
-from eventstore.errors import DecodeError, EventTooLarge, InvalidAppend, StoreClosed
+from eventstore.errors import DecodeError, InvalidAppend, StoreClosed
 from eventstore.events import EVENT_TYPES, Envelope
 from eventstore.keys import Keys
 from eventstore.store import (
@@ -412,7 +412,7 @@ class MemoryStore:
         """Append a batch to one run (see :mod:`eventstore.store` for the semantics)."""
         await anyio.lowlevel.checkpoint()
         self._check_open()
-        prepared = self._prepare(run_id, events)
+        prepared = codec.encode_append(run_id, events, expected_seq, self.config.max_event_bytes)
         results = self._apply(run_id, prepared, expected_seq, self._tick())
         self._wake()
         return results
@@ -421,7 +421,11 @@ class MemoryStore:
         """Append for many runs, in order; every request is validated before the first write."""
         await anyio.lowlevel.checkpoint()
         self._check_open()
-        prepared = [self._prepare(request.run_id, request.events) for request in requests]
+        limit = self.config.max_event_bytes
+        prepared = [
+            codec.encode_append(request.run_id, request.events, request.expected_seq, limit)
+            for request in requests
+        ]
         now = self._tick()
         results = [
             self._apply(request.run_id, batch, request.expected_seq, now)
@@ -442,24 +446,6 @@ class MemoryStore:
         entry = self._feeds[partition].add(self._tick(), 0, raw)
         self._wake()
         return entry.entry_id
-
-    def _prepare(self, run_id: str, events: Sequence[Envelope]) -> list[tuple[Envelope, bytes]]:
-        limit = self.config.max_event_bytes
-        prepared = []
-        for envelope in events:
-            if envelope.run_id != run_id:
-                raise InvalidAppend(
-                    f"event {envelope.event_id!r} belongs to run {envelope.run_id!r},"
-                    f" not to run {run_id!r}"
-                )
-            if not envelope.event_id:
-                raise InvalidAppend(f"an event of run {run_id!r} has an empty event id")
-            stored = msgspec.structs.replace(envelope, seq=0) if envelope.seq else envelope
-            raw = codec.encode(stored)
-            if len(raw) > limit:
-                raise EventTooLarge(envelope.event_id, len(raw), limit)
-            prepared.append((envelope, raw))
-        return prepared
 
     def _apply(
         self,
@@ -535,10 +521,7 @@ class MemoryStore:
         for index, envelope, raw in fresh:
             seq = len(entries) + 1
             entry = feed.add(now, seq, raw)
-            try:
-                entry.envelope = decoded = codec.decode(raw, seq=seq)
-            except DecodeError as exc:
-                raise DecodeError(f"run {run_id} seq {seq}: {exc}") from exc
+            entry.envelope = decoded = msgspec.structs.replace(envelope, seq=seq)
             entries.append(entry)
             queue = work_queue(envelope)
             if queue is not None:

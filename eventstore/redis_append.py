@@ -11,10 +11,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any, Final
 
-import msgspec
-
 from eventstore import codec
-from eventstore.errors import EventTooLarge, InvalidAppend
 from eventstore.events import Envelope
 from eventstore.keys import Keys, RunKeys
 from eventstore.store import (
@@ -150,29 +147,10 @@ def prepare(
     events: Sequence[Envelope],
     expected_seq: int | None,
 ) -> PreparedAppend:
-    """Validate and encode one run batch; raises before anything is sent.
-
-    Raises :class:`InvalidAppend` (no run id, an event of another run, an empty event id, a
-    negative expected seq) and :class:`EventTooLarge` (encoded over ``max_event_bytes``).
-    """
-    if not run_id:
-        raise InvalidAppend("an append needs a run id")
-    if expected_seq is not None and expected_seq < 0:
-        raise InvalidAppend(f"run {run_id!r}: expected seq {expected_seq} is negative")
-    raws = []
-    limit = config.max_event_bytes
-    for envelope in events:
-        event_id = envelope.event_id
-        if envelope.run_id != run_id:
-            raise InvalidAppend(
-                f"event {event_id!r} belongs to run {envelope.run_id!r}, not to run {run_id!r}"
-            )
-        if not event_id:
-            raise InvalidAppend(f"an event of run {run_id!r} has an empty event id")
-        raw = codec.encode(msgspec.structs.replace(envelope, seq=0) if envelope.seq else envelope)
-        if len(raw) > limit:
-            raise EventTooLarge(event_id, len(raw), limit)
-        raws.append(raw)
+    """Validate and encode one run batch; raises before anything is sent (see
+    :func:`eventstore.codec.encode_append`)."""
+    prepared = codec.encode_append(run_id, events, expected_seq, config.max_event_bytes)
+    raws = [raw for _, raw in prepared]
     return PreparedAppend(keys.for_run(run_id), run_id, events, raws, expected_seq)
 
 

@@ -232,20 +232,22 @@ class Spool:
                 self._size = len(MAGIC)
                 return
             temp = self.path.with_name(f"{self.path.name}.compact")
-            temp_fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # The new file's descriptor is the spool's from the rename on, whatever fails
+            # after it: appends must never go to the file the rename unlinked.
+            new_fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
             try:
-                _write_all(temp_fd, content)
-                os.fsync(temp_fd)
-            finally:
-                os.close(temp_fd)
-            os.replace(temp, self.path)
+                _write_all(new_fd, content)
+                os.fsync(new_fd)
+                os.replace(temp, self.path)
+            except OSError:
+                os.close(new_fd)
+                raise
+            os.close(self._fd)
+            self._fd = new_fd
+            self._size = len(content)
             _fsync_dir(self.path.parent)
-            new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
         except OSError as exc:
             raise SpoolError(f"{self.path}: cannot compact the spool ({exc})") from exc
-        os.close(self._fd)
-        self._fd = new_fd
-        self._size = len(content)
 
     def close(self) -> None:
         """Close the file and release the lock (a second close does nothing)."""

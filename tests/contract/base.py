@@ -17,7 +17,7 @@ import pytest
 
 from eventstore import codec
 from eventstore.audit import chain_mac, content_digest, verify_run
-from eventstore.errors import EventTooLarge, InvalidAppend, StoreClosed
+from eventstore.errors import EventNotEncodable, EventTooLarge, InvalidAppend, StoreClosed
 from eventstore.events import (
     CheckpointTaken,
     Envelope,
@@ -384,6 +384,39 @@ class StoreContract(abc.ABC):
         with pytest.raises(InvalidAppend):
             await store.append("run-a", [step_done("run-a", 1), step_done("run-b", 1)])
         assert await store.head("run-a") is None
+
+    @pytest.mark.parametrize(
+        ("run_id", "expected_seq", "names"),
+        [("", None, "needs a run id"), ("run-a", -1, "expected seq -1 is negative")],
+    )
+    async def test_no_run_id_or_a_negative_expected_seq_is_rejected(
+        self, run_id: str, expected_seq: int | None, names: str
+    ) -> None:
+        store = await self.open_store()
+        with pytest.raises(InvalidAppend, match=names):
+            await store.append(run_id, [step_done(run_id, 1)], expected_seq=expected_seq)
+        assert await store.list_runs() == []
+
+    @pytest.mark.parametrize(
+        ("data", "names"),
+        [
+            (StepSucceeded(step="s", attempt=1, agent="echo", output=2**64), "serialize ints"),
+            # a producer's type error: msgspec does not check types when a Struct is built
+            (StepSucceeded(step=7, attempt=1, agent="echo"), "does not read back"),  # type: ignore[arg-type]
+        ],
+    )
+    async def test_an_event_that_cannot_be_stored_as_it_is_writes_nothing(
+        self, data: EventData, names: str
+    ) -> None:
+        store = await self.open_store()
+        good, bad = step_done("run-a", 1), envelope("run-a", "run-a-bad", data)
+        with pytest.raises(EventNotEncodable, match=names) as raised:
+            await store.append("run-a", [good, bad])
+        assert raised.value.event_id == "run-a-bad"
+        assert await store.head("run-a") is None
+        subscription = await store.subscribe("g", "c")
+        assert await subscription.fetch(block_ms=0) == []
+        assert await store.dead_letters() == []
 
     async def test_append_many_is_append_per_request_in_order(self) -> None:
         store = await self.open_store()
@@ -900,6 +933,16 @@ class StoreContract(abc.ABC):
         reopened_head = await store.head("run-reopened")
         assert reopened_head is not None
         assert (reopened_head.seq, reopened_head.status) == (3, "running")
+
+    async def test_a_run_id_used_again_after_expiry_is_listed_as_a_new_run(self) -> None:
+        store = await self.open_store()
+        await store.append("run-a", [submitted("run-a")])
+        await store.put_snapshot(Snapshot(run_id="run-a", seq=1, version=1, state=b"s"))
+        await store.append("run-a", [envelope("run-a", "run-a-done", RunCompleted())])
+        await self.expire_retention(store, "run-a")
+        await store.append("run-b", [step_done("run-b", 1)])
+        await store.append("run-a", [step_done("run-a", 1, event_id="run-a-again")])
+        assert await store.list_runs() == ["run-b", "run-a"]
 
     # --- tamper evidence ----------------------------------------------------------------------
 

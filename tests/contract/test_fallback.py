@@ -20,14 +20,15 @@ import redis.asyncio as aioredis
 from support.redis_server import RedisServer, isolated
 
 from eventstore import codec
-from eventstore.errors import SpoolError, StoreClosed, StoreError
+from eventstore.errors import EventNotEncodable, SpoolError, StoreClosed, StoreError
+from eventstore.events import StepSucceeded
 from eventstore.fallback import FallbackStore, is_spooled
 from eventstore.redis_store import RedisStore
 from eventstore.spool import MAGIC, Spool
 from eventstore.store import EventStore, Outcome, StoreConfig
 
 from . import test_redis
-from .base import history, outcomes, step_done, stored
+from .base import envelope, history, outcomes, step_done, stored
 
 CONFIG = StoreConfig(partitions=4)
 
@@ -213,6 +214,29 @@ class TestSpooling:
             ]
         finally:
             await store.close()
+
+    async def test_an_event_that_cannot_be_stored_is_refused_before_it_is_spooled(
+        self,
+    ) -> None:
+        store = self.fallback()
+        await store.append("run-a", [step_done("run-a", 1)])
+        self.server.kill()
+        [spooled] = await store.append("run-a", [step_done("run-a", 2)])
+        assert is_spooled(spooled)
+        # a producer's type error: it would encode, but no reader could decode it
+        poison = envelope("run-a", "run-a-poison", StepSucceeded(step=7, attempt=1, agent="x"))  # type: ignore[arg-type]
+        with pytest.raises(EventNotEncodable, match="does not read back"):
+            await store.append("run-a", [poison])
+        await store.close()
+        self.server.restart()
+        reopened = self.fallback()
+        try:
+            assert [r.run_id for r in reopened.spooled] == ["run-a"]
+            report = await reopened.drain()
+            assert (report.appended, report.rejected, report.remaining) == (1, 0, 0)
+            assert await self.ids_in_redis("run-a") == ["run-a-1", "run-a-2"]
+        finally:
+            await reopened.close()
 
     async def test_a_failing_drain_keeps_the_spool_and_is_retried(self) -> None:
         writer = Spool.open(self.spool)

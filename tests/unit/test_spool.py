@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eventstore import spool as spool_module
 from eventstore.errors import SpoolError
 from eventstore.events import Envelope, StepStarted
 from eventstore.ids import new_event_id
@@ -187,6 +188,26 @@ def test_compaction_keeps_only_the_given_records(
     reopened.append("run-10", _events("run-10", 1))
     reopened.close()
     assert [r.run_id for r in open_spool().records] == ["run-10"]
+
+
+def test_appends_after_a_compaction_failing_past_its_rename_go_to_the_new_file(
+    spool_path: Path, open_spool: Callable[[], Spool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory fsync after the rename fails (an I/O error the disk reports): the
+    compaction raises, and what is appended next is still in the spool on reopening."""
+    spool = open_spool()
+    written = [spool.append("run-a", _events("run-a", 1)) for _ in range(2)]
+
+    def failing_fsync_dir(directory: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", failing_fsync_dir)
+    with pytest.raises(SpoolError, match="cannot compact"):
+        spool.compact(written[1:])
+    monkeypatch.undo()
+    later = spool.append("run-a", _events("run-a", 1))
+    spool.close()
+    assert _summary(open_spool().records) == _summary([written[1], later])
 
 
 def test_a_spool_is_used_by_one_owner_at_a_time(
