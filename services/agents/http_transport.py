@@ -6,14 +6,17 @@
 - timeouts (``HttpTimeout``), refused or broken connections (``HttpConnectError``,
   ``HttpTransportError``): retryable; too many redirects, undecodable bodies
   (``HttpRequestError``): not;
-- a URL that is not http(s): non-retryable :class:`AgentInputError`.
+- a URL that is not http(s), a request that cannot be built or is not valid HTTP (a header
+  value that is not ASCII or holds a line break): non-retryable :class:`AgentInputError`.
 
 Redirects are followed. Error messages name the method and the URL without its query string
-(which may carry credentials) and end with the start of the response body.
+(which may carry credentials) and end with the start of the response body, with the
+credentials the caller names (``redact``) replaced.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final
 
 import httpx
@@ -47,11 +50,14 @@ class HttpSession:
         headers: dict[str, str] | None = None,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
+        redact: Sequence[str] = (),
     ) -> httpx.Response:
-        """Send one request; return a 2xx response or raise :class:`AgentError`."""
+        """Send one request; return a 2xx response or raise :class:`AgentError`. Each of
+        ``redact`` (a credential sent with the request) is replaced in error messages, also in
+        the part of a response body they quote."""
         where = f"{method} {_without_query(url)}"
         try:
-            response = await self._client.request(
+            request = self._client.build_request(
                 method,
                 url,
                 content=None if json is msgspec.UNSET else msgspec.json.encode(json),
@@ -61,6 +67,20 @@ class HttpSession:
             )
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             raise AgentInputError(f"bad url {_without_query(url)!r}: {exc}") from exc
+        except (UnicodeEncodeError, TypeError, ValueError) as exc:
+            # a header that is not ASCII, a body that is not JSON: the same inputs fail again
+            raise AgentInputError(
+                f"{where}: the request cannot be built ({_scrub(str(exc), redact)})"
+            ) from exc
+        try:
+            response = await self._client.send(request)
+        except httpx.UnsupportedProtocol as exc:
+            raise AgentInputError(f"bad url {_without_query(url)!r}: {exc}") from exc
+        except httpx.LocalProtocolError as exc:
+            # the request breaks HTTP itself (a line break in a header value): not retryable
+            raise AgentInputError(
+                f"{where}: the request is not valid HTTP ({_scrub(str(exc), redact)})"
+            ) from exc
         except httpx.TimeoutException as exc:
             raise AgentError("HttpTimeout", f"{where}: timed out ({exc})", retryable=True) from exc
         except httpx.ConnectError as exc:
@@ -69,24 +89,28 @@ class HttpSession:
             ) from exc
         except httpx.TransportError as exc:
             raise AgentError(
-                "HttpTransportError", f"{where}: {type(exc).__name__} ({exc})", retryable=True
+                "HttpTransportError",
+                f"{where}: {type(exc).__name__} ({_scrub(str(exc), redact)})",
+                retryable=True,
             ) from exc
         except httpx.RequestError as exc:
             raise AgentError(
-                "HttpRequestError", f"{where}: {type(exc).__name__} ({exc})", retryable=False
+                "HttpRequestError",
+                f"{where}: {type(exc).__name__} ({_scrub(str(exc), redact)})",
+                retryable=False,
             ) from exc
         if response.is_success:
             return response
-        raise _status_error(where, response)
+        raise _status_error(where, response, redact)
 
     async def aclose(self) -> None:
         """Close the client and its connections."""
         await self._client.aclose()
 
 
-def _status_error(where: str, response: httpx.Response) -> AgentError:
+def _status_error(where: str, response: httpx.Response, redact: Sequence[str]) -> AgentError:
     status = response.status_code
-    body = response.text[:ERROR_BODY_CHARS]
+    body = _scrub(response.text, redact)[:ERROR_BODY_CHARS]
     message = f"{where} -> {status} {response.reason_phrase}: {body}"
     if status == 429:
         return AgentError("HttpTooManyRequests", message, retryable=True)
@@ -95,6 +119,13 @@ def _status_error(where: str, response: httpx.Response) -> AgentError:
     if status >= 400:
         return AgentError("HttpClientError", message, retryable=False)
     return AgentError("HttpUnexpectedStatus", message, retryable=False)
+
+
+def _scrub(text: str, redact: Sequence[str]) -> str:
+    for secret in redact:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text
 
 
 def _with_json_type(headers: dict[str, str], *, has_body: bool) -> dict[str, str]:

@@ -79,20 +79,14 @@ class LlmAgent:
         api_key = _api_key(spec.api_key_env)
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        try:
-            response = await self.session.send(
-                "POST",
-                spec.base_url.rstrip("/") + "/chat/completions",
-                json=body,
-                headers=headers,
-                timeout_s=ctx.timeout_s,
-            )
-        except AgentError as exc:
-            if not api_key or api_key not in exc.message:
-                raise
-            raise AgentError(
-                exc.error_type, exc.message.replace(api_key, "[redacted]"), retryable=exc.retryable
-            ) from None
+        response = await self.session.send(
+            "POST",
+            spec.base_url.rstrip("/") + "/chat/completions",
+            json=body,
+            headers=headers,
+            timeout_s=ctx.timeout_s,
+            redact=(api_key,),
+        )
         try:
             completion = _COMPLETION_DECODER.decode(response.content)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:

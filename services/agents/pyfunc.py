@@ -60,14 +60,21 @@ class PythonAgent:
         function = await anyio.to_thread.run_sync(_resolve_function, spec.function)
         kwargs = _keyword_arguments(function, spec.function, spec.args, ctx)
         with bound_context(ctx):
-            if inspect.iscoroutinefunction(function):
-                result = await function(**kwargs)
-            else:
-                result = await anyio.to_thread.run_sync(
-                    functools.partial(function, **kwargs), abandon_on_cancel=True
-                )
-                if inspect.isawaitable(result):
-                    result = await result
+            try:
+                if inspect.iscoroutinefunction(function):
+                    result = await function(**kwargs)
+                else:
+                    result = await anyio.to_thread.run_sync(
+                        functools.partial(function, **kwargs), abandon_on_cancel=True
+                    )
+                    if inspect.isawaitable(result):
+                        result = await result
+            except SystemExit as exc:
+                # argparse and CLI entry points exit on bad arguments: that fails the step,
+                # not the runner (the same arguments exit the same way: not retryable)
+                raise AgentError(
+                    "SystemExit", f"{spec.function} called sys.exit({exc.code!r})", retryable=False
+                ) from exc
         try:
             return msgspec.to_builtins(result)
         except TypeError as exc:

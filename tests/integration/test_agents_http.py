@@ -11,6 +11,7 @@ import pytest
 from support.http_peers import HttpPeer, PeerRequest, PeerResponse
 
 from services.agents.base import AgentContext, AgentError, AgentInputError
+from services.agents.http_transport import ERROR_BODY_CHARS
 from services.agents.llm import LlmAgent
 from services.agents.registry import AgentRegistry
 from services.agents.resilience import AgentExecutor, BreakerSettings, BreakerState, CircuitOpen
@@ -78,8 +79,11 @@ def peer() -> Iterator[HttpPeer]:
             return _completion(request)
         if path == "/bad/chat/completions":
             return PeerResponse.of_json({"not": "a completion"})
-        if path == "/leaky/chat/completions":
-            return PeerResponse.of_text(f"denied for {request.headers.get('authorization')}", 403)
+        if path.startswith("/leaky/") and path.endswith("/chat/completions"):
+            # /leaky/<n>/chat/completions: the credential echoed after n characters of padding
+            padding = "." * int(path.split("/")[2]) if path.count("/") == 4 else ""
+            echoed = f"denied for {request.headers.get('authorization')}"
+            return PeerResponse.of_text(padding + echoed, 403)
         return PeerResponse.of_text("no route", 404)
 
     with HttpPeer(route) as running:
@@ -204,6 +208,29 @@ async def test_bad_inputs_are_non_retryable(http_agent: HttpAgent, inputs: dict[
     with pytest.raises(AgentInputError) as caught:
         await http_agent.run(inputs, CTX)
     assert not caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("header", "named"),
+    [("Zoë", "the request cannot be built"), ("a\r\nX-Injected: 1", "not valid HTTP")],
+)
+async def test_a_header_value_http_cannot_carry_is_an_input_error_not_a_downstream_failure(
+    peer: HttpPeer, http_agent: HttpAgent, header: str, named: str
+) -> None:
+    """The same inputs fail the same way every time: not retryable, and the endpoint's circuit
+    stays closed for the calls that are fine."""
+    executor = AgentExecutor(
+        AgentRegistry([http_agent]), BreakerSettings(failure_threshold=1, reset_timeout_s=60)
+    )
+    bad = {"url": f"{peer.url}/hook", "headers": {"X-User": header}}
+    for _ in range(2):
+        with pytest.raises(AgentInputError, match=named) as caught:
+            await executor.execute("http", bad, CTX)
+        assert not caught.value.retryable
+    assert executor.breaker("http", bad).state is BreakerState.CLOSED
+    good = {"url": f"{peer.url}/hook", "headers": {"X-Custom": "fine"}}
+    assert (await executor.execute("http", good, CTX)).output["custom"] == "fine"
+    assert [r.headers.get("x-injected") for r in peer.requests] == [None]
 
 
 async def test_aclose_closes_the_shared_client() -> None:
@@ -331,6 +358,20 @@ async def test_llm_never_puts_the_key_in_an_error(peer: HttpPeer, llm_agent: Llm
     assert API_KEY not in error.message
     assert API_KEY not in json.dumps(msgspec.to_builtins(error.to_error_info()))
     assert API_KEY not in repr(error)
+
+
+async def test_llm_a_key_echoed_where_the_quoted_body_is_cut_is_redacted_whole(
+    peer: HttpPeer, llm_agent: LlmAgent
+) -> None:
+    """The key is replaced before the body is cut to the part an error quotes, so no prefix of
+    it survives the cut."""
+    start = ERROR_BODY_CHARS - len("denied for Bearer ") - len(API_KEY) // 2
+    inputs = {"base_url": f"{peer.url}/leaky/{start}", "model": "m", "prompt": "x"}
+    with pytest.raises(AgentError) as caught:
+        await llm_agent.run(inputs, CTX)
+    message = caught.value.message
+    assert "Bearer [redac" in message
+    assert API_KEY[:8] not in message
 
 
 async def test_llm_a_body_that_is_not_a_completion_is_retryable(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import textwrap
 import threading
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.anyio
 CTX = AgentContext(run_id="run-3", step="score", attempt=1, idempotency_key="run-3/score/1")
 
 TARGETS = """
+import argparse
 import asyncio
 import dataclasses
 import threading
@@ -73,6 +75,16 @@ def opaque():
 
 def broken():
     raise LookupError("no such customer")
+
+
+def cli(argv):
+    parser = argparse.ArgumentParser(prog="tool")
+    parser.add_argument("--count", type=int, required=True)
+    return vars(parser.parse_args(argv))
+
+
+async def exits_later():
+    raise SystemExit("stopped")
 
 
 class Scorer:
@@ -171,6 +183,24 @@ async def test_an_output_that_is_not_json_able_is_a_non_retryable_error(targets:
 async def test_an_exception_of_the_function_propagates_as_itself(targets: str) -> None:
     with pytest.raises(LookupError, match="no such customer"):
         await PythonAgent().run({"function": f"{targets}:broken"}, CTX)
+
+
+@pytest.mark.parametrize(
+    ("function", "args", "named"),
+    [
+        ("cli", {"argv": ["--count", "many"]}, "cli called sys.exit(2)"),
+        ("exits_later", {}, "exits_later called sys.exit('stopped')"),
+    ],
+)
+async def test_a_function_calling_sys_exit_fails_the_step_and_nothing_else(
+    targets: str, function: str, args: dict[str, object], named: str
+) -> None:
+    """argparse exits on bad arguments: a SystemExit must not reach (and end) the runner."""
+    executor = AgentExecutor(AgentRegistry([PythonAgent()]))
+    inputs = {"function": f"{targets}:{function}", "args": args}
+    with pytest.raises(AgentError, match=re.escape(named)) as caught:
+        await executor.execute("python", inputs, CTX)
+    assert (caught.value.error_type, caught.value.retryable) == ("SystemExit", False)
 
 
 @pytest.mark.parametrize(
