@@ -63,7 +63,9 @@ def build_services(
                 RunnerService(
                     store,
                     producer,
-                    AgentExecutor.from_settings(settings.runner),
+                    AgentExecutor.from_settings(
+                        settings.runner, max_output_bytes=settings.store.max_event_bytes
+                    ),
                     consumer=instance,
                     queues=settings.runner.queues,
                     concurrency=settings.runner.concurrency,

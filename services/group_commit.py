@@ -4,6 +4,11 @@ While one batch is in flight, new items queue up and go together in the next one
 service with many concurrent workers pays one round trip per batch rather than per item (the
 technique databases use to amortise log flushes). With one caller it adds no waiting: an item
 is sent as soon as nothing else is in flight.
+
+A batch that fails fails every item in it, except for errors listed in ``isolate``: those name
+one bad item (an event too large to store, say), so the batch's items are then sent again one
+by one and each caller gets its own result or error. Only errors of a flush that wrote nothing
+belong there (the store validates a whole batch before writing).
 """
 
 from __future__ import annotations
@@ -32,10 +37,15 @@ class GroupCommit(Generic[In, Out]):
     items submitted concurrently through :meth:`submit`. :meth:`run` must be running."""
 
     def __init__(
-        self, flush: Callable[[Sequence[In]], Awaitable[Sequence[Out]]], *, max_batch: int = 512
+        self,
+        flush: Callable[[Sequence[In]], Awaitable[Sequence[Out]]],
+        *,
+        max_batch: int = 512,
+        isolate: tuple[type[Exception], ...] = (),
     ) -> None:
         self._flush = flush
         self._max_batch = max_batch
+        self._isolate = isolate
         self._queue: list[tuple[In, _Slot[Out]]] = []
         self._wake = anyio.Event()
 
@@ -65,6 +75,10 @@ class GroupCommit(Generic[In, Out]):
         try:
             results = await self._flush([item for item, _ in batch])
         except Exception as exc:
+            if len(batch) > 1 and isinstance(exc, self._isolate):
+                for one in batch:
+                    await self._send([one])
+                return
             for _, slot in batch:
                 slot.error = exc
                 slot.done.set()

@@ -18,7 +18,7 @@ import hashlib
 import inspect
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from enum import StrEnum
 from typing import Any, Final, cast
@@ -209,36 +209,58 @@ class CacheHit(msgspec.Struct, frozen=True):
 
 class ResultCache:
     """In-memory outputs by :func:`cache_key`, each with its own time to live; at most
-    ``max_entries``, the least recently used evicted first."""
+    ``max_entries``, the least recently used evicted first. An output whose encoding is over
+    ``max_entry_bytes`` is not kept (nor one msgpack cannot encode): a runner's cache would
+    otherwise hold outputs too large for the log to record."""
 
-    def __init__(self, clock: Clock = time.monotonic, *, max_entries: int = 1024) -> None:
+    def __init__(
+        self,
+        clock: Clock = time.monotonic,
+        *,
+        max_entries: int = 1024,
+        max_entry_bytes: int = 1024 * 1024,
+    ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self.max_entries = max_entries
+        self.max_entry_bytes = max_entry_bytes
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, float, bytes]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str) -> CacheHit | None:
-        """The live entry for ``key``, or ``None`` (an expired entry is dropped)."""
+    def get(self, key: str, max_age_s: float | None = None) -> CacheHit | None:
+        """The live entry for ``key``, or ``None``. An entry lives for the time to live it was
+        put with, and a reader giving ``max_age_s`` takes only an entry younger than that too:
+        a step with ``cache_ttl: 60`` never gets an output older than a minute, whichever step
+        cached it. An expired entry is dropped."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        expires_at, encoded = entry
-        if self._clock() >= expires_at:
+        stored_at, expires_at, encoded = entry
+        now = self._clock()
+        if now >= expires_at:
             del self._entries[key]
+            return None
+        if max_age_s is not None and now - stored_at >= max_age_s:
             return None
         self._entries.move_to_end(key)
         return CacheHit(_MSGPACK_DECODER.decode(encoded), key)
 
     def put(self, key: str, output: Any, ttl_s: float) -> None:
         """Keep ``output`` under ``key`` for ``ttl_s`` seconds (nothing is kept for
-        ``ttl_s <= 0``)."""
+        ``ttl_s <= 0``, or for an output over ``max_entry_bytes`` or not encodable)."""
         if ttl_s <= 0:
             return
-        self._entries[key] = (self._clock() + ttl_s, _MSGPACK_ENCODER.encode(output))
+        try:
+            encoded = _MSGPACK_ENCODER.encode(output)
+        except (msgspec.EncodeError, OverflowError, TypeError):
+            return
+        if len(encoded) > self.max_entry_bytes:
+            return
+        now = self._clock()
+        self._entries[key] = (now, now + ttl_s, encoded)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -301,9 +323,11 @@ class AgentExecutor:
         *,
         registry: AgentRegistry | None = None,
         clock: Clock = time.monotonic,
+        max_output_bytes: int = 1024 * 1024,
     ) -> AgentExecutor:
         """An executor configured by the runner settings, over ``registry`` (default: the
-        built-in agents, closed by :meth:`aclose`)."""
+        built-in agents, closed by :meth:`aclose`); outputs over ``max_output_bytes`` (the
+        store's ``max_event_bytes``: they cannot be recorded) are not cached."""
         return cls(
             registry if registry is not None else default_registry(),
             BreakerSettings(
@@ -311,6 +335,7 @@ class AgentExecutor:
                 reset_timeout_s=settings.breaker_reset_s,
             ),
             BulkheadSettings(max_concurrent=dict(settings.bulkhead)),
+            ResultCache(clock, max_entry_bytes=max_output_bytes),
             clock=clock,
         )
 
@@ -320,19 +345,30 @@ class AgentExecutor:
         inputs: dict[str, Any],
         ctx: AgentContext,
         cache_ttl_s: float | None = None,
+        *,
+        on_admitted: Callable[[], Awaitable[None]] | None = None,
     ) -> ExecutionResult:
         """Run ``agent_name`` on ``inputs``, or return its cached output; raises
         :class:`AgentError` (``UnknownAgent``, ``CircuitOpen``, ``StepTimeout``, or the
-        agent's own)."""
+        agent's own).
+
+        ``on_admitted`` is awaited once the call may go ahead, before the agent starts: after
+        the wait for a bulkhead slot (the runner records the step's start there, so the step's
+        timeout does not count time spent queued behind other calls of the agent), or on a
+        cache hit. What it raises comes out as it is."""
         started = self._clock()
         agent = self.registry.get(agent_name)
         key = _cache_key(agent, inputs, cache_ttl_s)
-        hit = self.cache.get(key) if key else None
+        hit = self.cache.get(key, _ttl(cache_ttl_s)) if key else None
         if hit is not None:
+            if on_admitted is not None:
+                await on_admitted()
             return ExecutionResult(
                 output=hit.output, cached=True, cache_key=key, duration_ms=self._ms(started)
             )
         async with self._slot(agent_name):
+            if on_admitted is not None:
+                await on_admitted()
             with self._breaker(agent, inputs).guard():
                 output = await _run_with_timeout(agent, inputs, ctx)
         return self._done(started, key, output, cache_ttl_s)
@@ -394,7 +430,7 @@ class AgentExecutor:
             agent = self.registry.get(agent_name)
         except UnknownAgent:
             return None
-        return self.cache.get(_cache_key(agent, inputs, cache_ttl_s))
+        return self.cache.get(_cache_key(agent, inputs, cache_ttl_s), _ttl(cache_ttl_s))
 
     async def aclose(self) -> None:
         """Close the agents of the registry (their HTTP clients)."""

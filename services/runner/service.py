@@ -3,9 +3,14 @@
 It reads the work streams of each queue it serves (the store adds every ``step_scheduled``
 event to its queue's work stream) as consumer group ``runner:<queue>``; any number of runner
 replicas share a group, and a runner wakes for steps it may run, not for every event of the
-log. For each scheduled step it appends ``step_started``, runs the agent in a worker (timeout,
-bulkhead, circuit breaker, result cache — see :mod:`services.agents.resilience`) and appends
-``step_succeeded`` or ``step_failed``; a cache hit appends ``step_cache_hit`` and runs nothing.
+log. For each scheduled step a worker waits for a slot of the agent's bulkhead, appends
+``step_started`` (so the step's timeout, which the scheduler counts from that event, does not
+include time spent queued behind other calls of the agent), runs the agent (timeout, circuit
+breaker, result cache — see :mod:`services.agents.resilience`) and appends ``step_succeeded``
+or ``step_failed``; a cache hit appends ``step_cache_hit`` and runs nothing. An outcome the
+store refuses as it is (an output over ``max_event_bytes``, or a value msgpack cannot carry)
+is recorded as the attempt's non-retryable failure (``OutputNotRecorded``, naming why), so a
+bad output fails its step, not the runner.
 An inline agent (:class:`~services.agents.base.InlineAgent`: pure, instant) is called by the
 reader itself, and its ``step_started`` goes out with the outcome in one append for the whole
 batch, as do cache hits. The work entry is acknowledged only after the outcome is appended (by
@@ -32,12 +37,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 from opentelemetry.trace import TracerProvider
 
+from eventstore.errors import EventRejected, StoreError
 from eventstore.events import (
     Envelope,
+    ErrorInfo,
     StepCacheHit,
     StepFailed,
     StepScheduled,
@@ -117,7 +125,7 @@ class RunnerService:
         self._idle = concurrency
         # Workers' appends and acks go out in batches: one round trip per batch, not per step.
         self._appends: GroupCommit[AppendRequest, list[AppendResult]] = GroupCommit(
-            store.append_many
+            store.append_many, isolate=(EventRejected,)
         )
         self._acks: dict[int, GroupCommit[Delivery, None]] = {}
 
@@ -188,10 +196,10 @@ class RunnerService:
                     # Inline facts go out before any hand-over to a worker, which may wait.
                     if facts:
                         with anyio.CancelScope(shield=True):
-                            await self.store.append_many(facts)
+                            outcomes = await self._append_inline(facts)
                         handled += done
-                        for request in facts:
-                            _log_outcome(request.events[-1])
+                        for outcome in outcomes:
+                            _log_outcome(outcome)
                     self._waiting.update((id(d), (subscription, d)) for d in for_workers)
                     for delivery in for_workers:
                         self._idle -= 1
@@ -255,16 +263,25 @@ class RunnerService:
         if hit is not None:
             await self._append(self._fact(job.delivery, "cache_hit", _cache_hit(s, hit)))
             return
-        # A claimed re-delivery records its own start: the timeline shows the re-run.
-        what = f"started:{job.delivery.deliveries}"
-        await self._append(self._fact(job.delivery, what, self._started(s)))
+
+        async def admitted() -> None:
+            # A claimed re-delivery records its own start: the timeline shows the re-run.
+            what = f"started:{job.delivery.deliveries}"
+            await self._append(self._fact(job.delivery, what, self._started(s)))
+
         begun = time.perf_counter()
         outcome: StepSucceeded | StepFailed
         with job.scope:
             try:
                 result = await self.executor.execute(
-                    s.agent, s.inputs, AgentContext.for_step(run_id, s), s.cache_ttl_s
+                    s.agent,
+                    s.inputs,
+                    AgentContext.for_step(run_id, s),
+                    s.cache_ttl_s,
+                    on_admitted=admitted,
                 )
+            except StoreError:
+                raise
             except Exception as exc:
                 if not isinstance(exc, AgentError):
                     log.exception("agent raised", extra={"run_id": run_id, "step": s.step})
@@ -274,9 +291,7 @@ class RunnerService:
         if job.scope.cancelled_caught:
             log.info("step cancelled: run ended", extra={"run_id": run_id, "step": s.step})
             return
-        event = self._fact(job.delivery, "finished", outcome)
-        await self._append(event)
-        _log_outcome(event)
+        _log_outcome(await self._append(self._fact(job.delivery, "finished", outcome)))
 
     def _started(self, s: StepScheduled) -> StepStarted:
         return StepStarted(**_attempt(s), runner=self.producer.name)
@@ -298,8 +313,29 @@ class RunnerService:
             traceparent=self.tracer.fact_traceparent(data, envelope.traceparent),
         )
 
-    async def _append(self, event: Envelope) -> None:
-        await self._appends.submit(AppendRequest(run_id=event.run_id, events=[event]))
+    async def _append(self, event: Envelope) -> Envelope:
+        """Append one fact (batched with other workers' facts) and return what was recorded:
+        ``event``, or, for an outcome the store refuses as it is (an output over
+        ``max_event_bytes``, or one msgpack cannot carry), the attempt's non-retryable
+        failure naming why."""
+        try:
+            await self._appends.submit(AppendRequest(run_id=event.run_id, events=[event]))
+        except EventRejected as exc:
+            if not isinstance(event.data, StepSucceeded | StepFailed | StepCacheHit):
+                raise
+            event = _not_recorded(event, event.data, exc)
+            await self._appends.submit(AppendRequest(run_id=event.run_id, events=[event]))
+        return event
+
+    async def _append_inline(self, facts: list[AppendRequest]) -> list[Envelope]:
+        """Append the facts of steps done inline in one call; the recorded outcomes. When the
+        store refuses one event as it is, nothing was written: each fact then goes on its own
+        (see :meth:`_append`)."""
+        try:
+            await self.store.append_many(facts)
+        except EventRejected:
+            return [[await self._append(e) for e in request.events][-1] for request in facts]
+        return [request.events[-1] for request in facts]
 
     def _ack_commit(self, subscription: Subscription) -> GroupCommit[Delivery, None]:
         async def ack(deliveries: Sequence[Delivery]) -> list[None]:
@@ -355,6 +391,30 @@ def _succeeded(s: StepScheduled, result: ExecutionResult) -> StepSucceeded:
 def _failed(s: StepScheduled, exc: Exception, begun: float) -> StepFailed:
     duration_ms = (time.perf_counter() - begun) * 1000
     return StepFailed(**_attempt(s), error=error_info(exc), duration_ms=duration_ms)
+
+
+def _not_recorded(
+    event: Envelope, fact: StepSucceeded | StepFailed | StepCacheHit, exc: EventRejected
+) -> Envelope:
+    """The failure recorded, under the same event id, for an attempt whose outcome ``event``
+    (with data ``fact``) the store refused as it is: the refused event was not written."""
+    error = ErrorInfo(
+        type="OutputNotRecorded",
+        message=f"the outcome of step {fact.step!r} cannot be recorded: {exc}",
+        retryable=False,
+    )
+    failed = StepFailed(
+        step=fact.step,
+        attempt=fact.attempt,
+        agent=fact.agent,
+        item=fact.item,
+        iteration=fact.iteration,
+        fallback_index=fact.fallback_index,
+        idempotency_key=fact.idempotency_key,
+        error=error,
+        duration_ms=0.0 if isinstance(fact, StepCacheHit) else fact.duration_ms,
+    )
+    return msgspec.structs.replace(event, data=failed)
 
 
 def _log_outcome(event: Envelope) -> None:

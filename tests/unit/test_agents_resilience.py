@@ -309,6 +309,26 @@ def test_cached_outputs_are_copies() -> None:
     assert second.output == {"items": [1, 2]}
 
 
+def test_a_reader_takes_only_an_entry_younger_than_its_own_max_age() -> None:
+    clock = FakeClock()
+    cache = ResultCache(clock)
+    cache.put("k", "day-long", ttl_s=86_400)
+    clock.advance(3_600)
+    assert cache.get("k", max_age_s=60) is None
+    hit = cache.get("k", max_age_s=7_200)
+    assert hit is not None
+    assert hit.output == "day-long"
+    assert len(cache) == 1
+
+
+def test_outputs_too_large_or_not_encodable_are_not_kept() -> None:
+    cache = ResultCache(FakeClock(), max_entry_bytes=1024)
+    cache.put("big", "x" * 2048, ttl_s=60)
+    cache.put("huge", 2**64, ttl_s=60)
+    cache.put("fits", "x" * 512, ttl_s=60)
+    assert [key for key in ("big", "huge", "fits") if cache.get(key)] == ["fits"]
+
+
 # --- executor --------------------------------------------------------------------------------
 
 
@@ -328,6 +348,53 @@ async def test_a_cache_hit_runs_nothing_until_the_ttl_expires() -> None:
     clock.advance(1)
     third = await executor.execute("counting", {"q": 1}, CTX, cache_ttl_s=60)
     assert (third.output["call"], third.cached) == (3, False)
+
+
+async def test_a_step_never_gets_an_output_older_than_its_own_cache_ttl() -> None:
+    """Another step (or an older definition) cached the output for a day: a step asking for
+    at most a minute runs the agent again."""
+    clock = FakeClock()
+    agent = CountingAgent()
+    executor = AgentExecutor(AgentRegistry([agent]), clock=clock)
+    await executor.execute("counting", {"q": 1}, CTX, cache_ttl_s=86_400)
+    clock.advance(3_600)
+    assert executor.cached("counting", {"q": 1}, 60) is None
+    fresh = await executor.execute("counting", {"q": 1}, CTX, cache_ttl_s=60)
+    assert (fresh.output["call"], fresh.cached) == (2, False)
+    hit = await executor.execute("counting", {"q": 1}, CTX, cache_ttl_s=60)
+    assert (hit.output["call"], hit.cached) == (2, True)
+
+
+async def test_on_admitted_runs_once_the_bulkhead_has_a_slot() -> None:
+    gate = anyio.Event()
+    admitted: list[str] = []
+
+    class Gated:
+        name = "gated"
+        version = "1"
+
+        async def run(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
+            await gate.wait()
+            return inputs["n"]
+
+    executor = AgentExecutor(
+        AgentRegistry([Gated()]), bulkhead_settings=BulkheadSettings(max_concurrent={"gated": 1})
+    )
+
+    async def call(name: str) -> None:
+        async def on_admitted() -> None:
+            admitted.append(name)
+
+        await executor.execute("gated", {"n": name}, CTX, on_admitted=on_admitted)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, "first")
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(call, "second")
+        await anyio.wait_all_tasks_blocked()
+        assert admitted == ["first"]
+        gate.set()
+    assert admitted == ["first", "second"]
 
 
 async def test_without_a_cache_ttl_every_call_runs() -> None:

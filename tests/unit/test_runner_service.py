@@ -4,7 +4,9 @@ other agents go through a worker, which appends the start before the agent runs.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import pytest
@@ -13,10 +15,19 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from eventstore.events import Envelope, StepCacheHit, StepFailed, StepStarted, StepSucceeded
+from eventstore.events import (
+    Envelope,
+    StepCacheHit,
+    StepFailed,
+    StepScheduled,
+    StepStarted,
+    StepSucceeded,
+)
 from eventstore.memory import MemoryStore, MemorySubscription
-from eventstore.store import AppendRequest, AppendResult, Delivery
+from eventstore.store import AppendRequest, AppendResult, Delivery, StoreConfig
 from services import commands
+from services.agents.base import AgentContext
+from services.agents.registry import default_registry
 from services.agents.resilience import AgentExecutor
 from services.app import running
 from services.observability.tracing import format_traceparent
@@ -243,3 +254,121 @@ async def test_inline_steps_and_cache_hits_get_the_same_step_spans_as_worker_ste
     assert spans["step bad"].status.status_code is StatusCode.ERROR
     provider.shutdown()
     await store.close()
+
+
+async def test_an_outcome_the_store_cannot_record_fails_its_step_and_the_runner_goes_on() -> None:
+    """Outputs too large for the log, or that msgpack cannot carry: each step fails naming
+    why (not retryable), and the runner keeps running the next runs."""
+    store = MemoryStore(StoreConfig(max_event_bytes=4096))
+    definition = parse_definition(
+        f"""\
+name: unrecordable
+steps:
+  - id: big
+    agent: shell
+    critical: false
+    with: {{argv: ["{sys.executable}", "-c", "print('x' * 10000)"]}}
+  - {{id: huge, agent: shell, critical: false, with: {{argv: [echo, "18446744073709551616"]}}}}
+  - {{id: fine, agent: echo, with: {{value: 1}}}}
+"""
+    )
+    producer = Producer("test")
+    async with running(store, Settings(redis_url=None, http_port=0), ("scheduler", "runner")):
+        first = await commands.submit(store, producer, definition)
+        state = await commands.wait(store, first.run_id, timeout_s=30)
+        second = await commands.submit(store, producer, definition, idempotency_key="again")
+        again = await commands.wait(store, second.run_id, timeout_s=30)
+    assert (state.status, state.degraded, again.status) == ("completed", True, "completed")
+    assert state.steps["fine"].output == 1
+    for step, named in (("big", "max_event_bytes"), ("huge", "serialize ints")):
+        error = state.steps[step].error
+        assert error is not None, step
+        assert (error.type, error.retryable) == ("OutputNotRecorded", False)
+        assert f"the outcome of step {step!r} cannot be recorded" in error.message
+        assert named in error.message
+    history = [e async for e in store.read_run(first.run_id)]
+    assert [e.type for e in _facts(history, "big")] == ["step_started", "step_failed"]
+
+
+class Unstorable:
+    """An inline agent whose output msgpack cannot carry (an integer beyond 64 bits)."""
+
+    name = "unstorable"
+    version = "1"
+    inline = True
+
+    def call(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
+        return 2**64
+
+    async def run(self, inputs: dict[str, Any], ctx: AgentContext) -> Any:
+        return self.call(inputs, ctx)
+
+
+async def test_an_inline_outcome_the_store_cannot_record_fails_only_its_own_step() -> None:
+    """Inline steps read together are appended in one call; when the store refuses one
+    outcome, nothing of the call was written, and each step is then recorded on its own."""
+    store = MemoryStore()
+    registry = default_registry()
+    registry.register(Unstorable())
+    producer = Producer("scheduler")
+    scheduled = [
+        producer.envelope(
+            f"run-{agent}",
+            StepScheduled(step="s", attempt=1, agent=agent, inputs={"value": 1}),
+        )
+        for agent in ("unstorable", "echo")
+    ]
+    for event in scheduled:
+        await store.append(event.run_id, [event])
+    runner = RunnerService(store, Producer("runner"), AgentExecutor(registry), consumer="r")
+    watcher = await store.subscribe("watcher", "test")
+    outcomes = 0
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        with anyio.fail_after(30):
+            while outcomes < len(scheduled):
+                deliveries = await watcher.fetch(100, block_ms=1000)
+                outcomes += sum(
+                    isinstance(d.envelope.data, StepFailed | StepSucceeded) for d in deliveries
+                )
+        runner.stop()
+    [started, failed] = [e async for e in store.read_run("run-unstorable")][1:]
+    assert isinstance(started.data, StepStarted)
+    assert isinstance(failed.data, StepFailed)
+    assert failed.data.error.type == "OutputNotRecorded"
+    assert "serialize ints" in failed.data.error.message
+    [_, succeeded] = [e async for e in store.read_run("run-echo")][1:]
+    assert isinstance(succeeded.data, StepSucceeded)
+    assert succeeded.data.output == 1
+
+
+async def test_a_step_queued_for_its_agents_bulkhead_is_not_started_yet() -> None:
+    """A step's start is recorded when it gets a bulkhead slot, not while it waits for one:
+    its timeout counts from there, and the timeline shows when it really began."""
+    store = TouchWatch()
+    settings = Settings.model_validate(
+        {
+            "redis_url": None,
+            "http_port": 0,
+            "runner": {"heartbeat_s": 0.05, "bulkhead": {"sleep": 1}},
+        }
+    )
+    producer = Producer("test")
+    pair = parse_definition(
+        "name: pair\nsteps:\n  - {id: one, agent: sleep, with: {seconds: 600}}\n"
+        "  - {id: two, agent: sleep, with: {seconds: 600}}\n"
+    )
+    async with running(store, settings, ("scheduler", "runner")):
+        run = await commands.submit(store, producer, pair)
+        with anyio.fail_after(30):
+            # both are in the runner's hands (heartbeated), and one of them has started
+            await store.wait_touched("one")
+            await store.wait_touched("two")
+            while "running" not in {
+                await _step_status(store, run.run_id, step) for step in ("one", "two")
+            }:
+                await store.wait_touched("one")
+        statuses = sorted([await _step_status(store, run.run_id, s) for s in ("one", "two")])
+        assert statuses == ["running", "scheduled"]
+        await commands.cancel(store, producer, run.run_id)
+        assert (await commands.wait(store, run.run_id, timeout_s=30)).status == "cancelled"
