@@ -365,8 +365,9 @@ class RunnerService:
                     job.scope.cancel()
 
 
-def _attempt(s: StepScheduled) -> dict[str, Any]:
-    """The fields naming the attempt ``s`` schedules, shared by every fact about it."""
+def _attempt(s: StepScheduled | StepSucceeded | StepFailed | StepCacheHit) -> dict[str, Any]:
+    """The fields naming the attempt ``s`` schedules (or a fact is about), shared by every
+    fact about it."""
     return {
         "step": s.step,
         "attempt": s.attempt,
@@ -403,17 +404,8 @@ def _not_recorded(
         message=f"the outcome of step {fact.step!r} cannot be recorded: {exc}",
         retryable=False,
     )
-    failed = StepFailed(
-        step=fact.step,
-        attempt=fact.attempt,
-        agent=fact.agent,
-        item=fact.item,
-        iteration=fact.iteration,
-        fallback_index=fact.fallback_index,
-        idempotency_key=fact.idempotency_key,
-        error=error,
-        duration_ms=0.0 if isinstance(fact, StepCacheHit) else fact.duration_ms,
-    )
+    duration_ms = 0.0 if isinstance(fact, StepCacheHit) else fact.duration_ms
+    failed = StepFailed(**_attempt(fact), error=error, duration_ms=duration_ms)
     return msgspec.structs.replace(event, data=failed)
 
 

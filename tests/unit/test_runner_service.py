@@ -111,12 +111,12 @@ async def test_inline_steps_append_start_and_outcome_together() -> None:
     assert all(i.pending == 0 for i in infos)
 
 
-async def _started(store: MemoryStore, step: str) -> None:
-    """Return once the feed shows ``step`` started."""
+async def _started(store: MemoryStore, *steps: str) -> None:
+    """Return once the feed shows one of ``steps`` started."""
     watcher = await store.subscribe("watcher", "test")
     with anyio.fail_after(30):
         while not any(
-            isinstance(d.envelope.data, StepStarted) and d.envelope.data.step == step
+            isinstance(d.envelope.data, StepStarted) and d.envelope.data.step in steps
             for d in await watcher.fetch(100, block_ms=1000)
         ):
             pass
@@ -360,14 +360,11 @@ async def test_a_step_queued_for_its_agents_bulkhead_is_not_started_yet() -> Non
     )
     async with running(store, settings, ("scheduler", "runner")):
         run = await commands.submit(store, producer, pair)
+        # one of them has started, and both are in the runner's hands (heartbeated)
+        await _started(store, "one", "two")
         with anyio.fail_after(30):
-            # both are in the runner's hands (heartbeated), and one of them has started
             await store.wait_touched("one")
             await store.wait_touched("two")
-            while "running" not in {
-                await _step_status(store, run.run_id, step) for step in ("one", "two")
-            }:
-                await store.wait_touched("one")
         statuses = sorted([await _step_status(store, run.run_id, s) for s in ("one", "two")])
         assert statuses == ["running", "scheduled"]
         await commands.cancel(store, producer, run.run_id)
