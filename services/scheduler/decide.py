@@ -118,6 +118,8 @@ class _Decider:
         self.now = now
         self.events: list[EventData] = []
         self.failure: tuple[str, ErrorInfo] | None = None
+        #: Whether this pass found no free slot for something it would have scheduled.
+        self.blocked = False
         self._inputs: dict[str, Any] | None = None
 
     def emit(self, data: EventData) -> None:
@@ -143,13 +145,26 @@ class _Decider:
                 return Decision(events=self.events)
             self.emit(RunStarted(plan=self.plan.deps))
         if self.state.status == "paused":
-            self.due_timers(paused=True)
+            self.due_timers(self.origin, paused=True)
             return Decision(events=self.events, wake_at_ms=self.wake(paused=True))
-        self.due_timers(paused=False)
-        if not self.failure:
-            self.awaiting()
-        if not self.failure and self.fanning():
-            self.ready()
+        source = self.origin
+        while True:
+            self.blocked = False
+            emitted = len(self.events)
+            self.due_timers(source, paused=False)
+            if not self.failure:
+                self.awaiting(source)
+            if not self.failure and self.fanning(source):
+                self.ready()
+            # Something was passed over for want of a slot, and a slot came free later in the
+            # same pass (a non-critical step's skip cancels its units, a timeout ends an
+            # attempt): decide again on the state reached. Nothing else would: no event is
+            # coming and no timer is armed for it.
+            if self.failure or not self.blocked or len(self.events) == emitted:
+                break
+            if not self.has_slot():
+                break
+            source = self.state
         if self.failure:
             return self.fail_run(*self.failure)
         if self.state.unsettled == 0:
@@ -161,7 +176,10 @@ class _Decider:
 
     def has_slot(self) -> bool:
         limit = self.definition.max_parallel
-        return limit is None or self.state.in_flight < limit
+        if limit is None or self.state.in_flight < limit:
+            return True
+        self.blocked = True
+        return False
 
     def scope(self, step_id: str, item: int | None, iteration: int | None) -> dict[str, Any]:
         if self._inputs is None:
@@ -223,8 +241,8 @@ class _Decider:
 
     # --- rules ---------------------------------------------------------------------------------
 
-    def due_timers(self, *, paused: bool) -> None:
-        for due, step_id, lane in self.origin.timers:
+    def due_timers(self, source: RunState, *, paused: bool) -> None:
+        for due, step_id, lane in source.timers:
             if due > self.now or self.failure:
                 return
             unit = self.state.steps[step_id].units[lane]
@@ -255,8 +273,8 @@ class _Decider:
                     iteration=unit.iteration,
                 )
 
-    def awaiting(self) -> None:
-        for step_id, lane in self.origin.awaiting:
+    def awaiting(self, source: RunState) -> None:
+        for step_id, lane in source.awaiting:
             if self.failure:
                 return
             step = self.state.steps[step_id]
@@ -322,9 +340,9 @@ class _Decider:
                 return
         self.emit(LoopCompleted(step=step_id, iteration=iteration, item=unit.item))
 
-    def fanning(self) -> bool:
+    def fanning(self, source: RunState) -> bool:
         """Schedule items of fanned-out steps; False when ``max_parallel`` stopped it."""
-        return all(self.fan_out(step_id) for step_id in self.origin.fanning)
+        return all(self.fan_out(step_id) for step_id in source.fanning)
 
     def fan_out(self, step_id: str) -> bool:
         iteration = 1 if self.plan.steps[step_id].loop is not None else None

@@ -46,6 +46,7 @@ import ast
 import functools
 import operator
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, Final, final
 
@@ -171,8 +172,10 @@ def _arithmetic(op: type[ast.operator], left: Any, right: Any) -> Any:
 class Expression:
     """A compiled expression: evaluate it with :meth:`evaluate`.
 
-    ``names`` are the scope names it reads; ``paths`` the static access paths it reads, such
-    as ``('steps', 'fetch', 'output', 'n')`` (a dynamic index ends a path).
+    ``names`` are the scope names it reads; ``paths`` the static access paths of the values it
+    reads, such as ``('steps', 'fetch', 'output', 'n')``: a path the expression only goes
+    through to a longer one is not listed, and a value indexed with a computed key ends a path
+    (``steps[inputs.which]`` reads ``('steps',)``, all of it).
     """
 
     __slots__ = ("_fn", "names", "paths", "source")
@@ -199,7 +202,13 @@ class _Compiler:
         self.text = text
         self.lead = lead
         self.names: set[str] = set()
-        self.paths: set[AccessPath] = set()
+        #: How many reads of each static path the expression makes, less the reads that
+        #: only go through it to a longer static path.
+        self.reads: Counter[AccessPath] = Counter()
+
+    @property
+    def paths(self) -> frozenset[AccessPath]:
+        return frozenset(path for path, count in self.reads.items() if count > 0)
 
     def error(self, node: ast.AST, reason: str) -> ExpressionError:
         offset = getattr(node, "col_offset", 0)
@@ -240,7 +249,7 @@ class _Compiler:
         if name.startswith("__"):
             raise self.error(node, f"name {name!r} is not allowed")
         self.names.add(name)
-        self.paths.add((name,))
+        self.reads[(name,)] += 1
 
         def lookup(scope: Mapping[str, Any]) -> Any:
             try:
@@ -275,7 +284,8 @@ class _Compiler:
     def record_path(self, node: ast.Attribute | ast.Subscript) -> None:
         path = _static_path(node)
         if path is not None:
-            self.paths.add(path)
+            self.reads[path] += 1
+            self.reads[path[:-1]] -= 1
 
     def build_Attribute(self, node: ast.Attribute, depth: int) -> _Fn:
         if node.attr.startswith("__"):
@@ -401,15 +411,6 @@ def _static_path(node: ast.AST) -> AccessPath | None:
     return None
 
 
-def _maximal(paths: set[AccessPath]) -> frozenset[AccessPath]:
-    """Drop every path that is a proper prefix of another one."""
-    return frozenset(
-        path
-        for path in paths
-        if not any(len(other) > len(path) and other[: len(path)] == path for other in paths)
-    )
-
-
 def _split(text: str) -> tuple[list[str], list[str]]:
     """``text`` split into its literal parts and template sources (one more literal than source).
 
@@ -453,7 +454,7 @@ def _compile(source: str) -> Expression:
         raise ExpressionError(f"nested deeper than {MAX_DEPTH} levels", inner) from None
     compiler = _Compiler(inner, text, lead)
     fn = compiler.build(tree.body)
-    return Expression(inner, fn, frozenset(compiler.names), _maximal(compiler.paths))
+    return Expression(inner, fn, frozenset(compiler.names), compiler.paths)
 
 
 def compile_expression(source: str) -> Expression:

@@ -214,14 +214,11 @@ class _DefinitionReader:
         return str(source)
 
     def for_each(self, step: _Step, node: Node) -> None:
-        """Recorded as one whole template (its problems are reported with the expressions)."""
+        """Recorded as written, a bare expression or one whole template, as ``when`` is (its
+        problems are reported with the expressions)."""
         source = self.expression(step, node, f"{step.field}.for_each", _RUN_NAMES)
         if source is not None:
-            try:
-                inner = compile_expression(source).source.strip()
-            except ExpressionError:
-                return
-            step.values["for_each"] = f"${{{{ {inner} }}}}"
+            step.values["for_each"] = source
 
     def loop(self, step: _Step, node: Node) -> None:
         field = f"{step.field}.loop"

@@ -3,6 +3,7 @@ hand and the clock moved by the test."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
@@ -35,6 +36,7 @@ from eventstore.events import (
 from projections.run_state import START_GRACE_MS, RunState, UnitState, evolve
 from services.scheduler.decide import Decision, decide
 from services.scheduler.policy import retry_delay
+from services.workflow.loader import parse_definition
 from services.workflow.model import FallbackSpec, LoopSpec, RetryPolicy, StepDef, WorkflowDef
 
 T0 = 1_000_000
@@ -159,20 +161,28 @@ def test_a_step_waits_for_its_dependencies_and_reads_their_outputs() -> None:
         workflow(
             StepDef(id="a", agent="echo"),
             StepDef(id="b", agent="echo"),
+            StepDef(id="d", agent="echo"),
             StepDef(
                 id="c",
                 agent="echo",
-                depends_on=("a", "b"),
-                with_={"a": "${{ steps.a.output }}", "b": "${{ steps.b.status }}"},
+                depends_on=("a", "b", "d"),
+                with_={
+                    "a": "${{ steps.a.output }}",
+                    "b": "${{ steps.b.status }}",
+                    # a computed key beside a fixed one: every ancestor is in scope
+                    "chosen": "${{ [steps.a.output, steps[inputs.which].output] }}",
+                },
             ),
+            which="d",
         )
     )
     sim.decide()
     sim.finish("a", {"n": 1})
+    sim.finish("d", "D")
     assert sim.decide().events == []
     sim.finish("b", "B")
     (c,) = scheduled(sim.decide())
-    assert (c.step, c.inputs) == ("c", {"a": {"n": 1}, "b": "succeeded"})
+    assert c.inputs == {"a": {"n": 1}, "b": "succeeded", "chosen": [{"n": 1}, "D"]}
 
 
 def test_a_false_when_skips_and_a_skipped_dependency_counts_as_satisfied_with_null_output() -> None:
@@ -692,3 +702,55 @@ def test_the_wake_up_is_the_earliest_deadline_ahead() -> None:
     assert isinstance(retry, StepRetryScheduled)
     assert retry.due_ms < T0 + 5000
     assert decision.wake_at_ms == retry.due_ms
+
+
+def test_a_fallback_passed_over_for_want_of_a_slot_is_scheduled_when_a_skip_frees_one() -> None:
+    """The scheduler decides again only on a new event or a due timer: a unit passed over for
+    lack of a slot must not be left waiting when the same decision frees the slots (here a
+    non-critical step's skip cancels its units), or the run stalls for good."""
+    sim = Sim(
+        workflow(
+            StepDef(
+                id="a",
+                agent="echo",
+                retry=RetryPolicy(max_attempts=1),
+                fallback=(FallbackSpec(agent="noop"),),
+            ),
+            StepDef(
+                id="b",
+                agent="echo",
+                for_each="${{ [1, 2, 3] }}",
+                critical=False,
+                retry=RetryPolicy(max_attempts=2, jitter=0.0),
+            ),
+            max_parallel=2,
+        )
+    )
+    sim.decide()  # a and b[0]
+    for item in (0, 1):
+        sim.start("b", item=item)
+        sim.fail("b", item=item)
+        sim.decide()  # b[item] waits for its retry, b[item + 1] takes its slot
+    sim.start("a")
+    sim.start("b", item=2)
+    sim.now += 10_000  # both retries of b are due
+    sim.fail("a", FATAL)  # a's fallback needs a slot: both are taken
+    sim.fail("b", FATAL, item=2)  # b fails for good: skipped, its units cancelled
+    decision = sim.decide()
+    # b's due retries took the two slots, then b's skip cancelled them
+    assert sim.run.steps["b"].status == "skipped"
+    assert [(e.step, e.fallback_index) for e in scheduled(decision)][-1] == ("a", 1)
+    assert sim.unit("a").status == "scheduled"
+    assert kinds(sim.decide()) == []
+
+
+def test_a_bare_for_each_with_nested_braces_that_validates_also_runs() -> None:
+    """A bare for_each is kept as written: wrapped in ``${{ }}``, its own ``}}`` would end
+    the template early."""
+    for_each = "[{'n': 1, 'tags': {'x': 1}}, {'n': 2, 'tags': {}}]"
+    definition = parse_definition(
+        "name: wf\nsteps:\n  - id: a\n    agent: echo\n"
+        f"    for_each: {json.dumps(for_each)}\n    with: {{n: '${{{{ item.n }}}}'}}\n"
+    )
+    decision = Sim(definition).decide()
+    assert [e.inputs for e in scheduled(decision)] == [{"n": 1}, {"n": 2}]

@@ -122,8 +122,18 @@ def test_names_and_paths_are_reported() -> None:
         "steps.fetch.output.n > len(inputs.items) and steps[x].status == 'ok' or true"
     )
     assert expression.names == {"steps", "inputs", "x"}
-    assert expression.paths == {("steps", "fetch", "output", "n"), ("inputs", "items"), ("x",)}
+    # steps[x] reads steps with a computed key: all of it, beside the static steps.fetch...
+    assert expression.paths == {
+        ("steps", "fetch", "output", "n"),
+        ("steps",),
+        ("inputs", "items"),
+        ("x",),
+    }
     assert compile_expression("item['a'][0]").paths == {("item", "a", 0)}
+    assert compile_expression("[steps.a.output, steps.a]").paths == {
+        ("steps", "a", "output"),
+        ("steps", "a"),
+    }
 
 
 def test_a_whole_template_compiles_like_the_bare_expression() -> None:

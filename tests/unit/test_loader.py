@@ -117,7 +117,7 @@ def test_json_definition_with_tabs_and_every_field() -> None:
     first, each, again = definition.steps
     assert first.queue == "fast"
     assert each.depends_on == ("first",)
-    assert each.for_each == "${{ inputs.items }}"
+    assert each.for_each == "inputs.items"  # kept as written, as when is
     assert each.when == "true"
     assert each.retry == RetryPolicy(max_attempts=2)
     assert each.timeout == 1.5
@@ -167,7 +167,7 @@ def test_accepted_shorthands_and_yaml_merge_keys() -> None:
     assert a.retry == RetryPolicy(max_attempts=2, non_retryable=("E",))
     assert (b.agent, b.depends_on, b.retry) == ("noop", ("a",), RetryPolicy(max_attempts=5))
     assert c.depends_on == ("a", "b")
-    assert c.for_each == "${{ inputs.things }}"
+    assert c.for_each == "inputs.things"
     assert c.when == "${{ inputs.go }}"
 
 
