@@ -42,6 +42,12 @@ Rules, in the order they are applied:
 10. Every step succeeded or skipped: ``run_completed`` (``degraded`` if a step was skipped for
     a failure).
 
+With ``value_limit`` (the scheduler gives the store's ``max_event_bytes`` less
+:data:`EVENT_ALLOWANCE`), a step whose rendered ``with`` or ``for_each`` list is larger than
+that once encoded fails with ``ValueTooLarge`` (not retryable) instead of being scheduled: the
+event would be refused by the store, and the run would wait forever for a decision that cannot
+be recorded.
+
 ``max_parallel`` bounds the units scheduled or running at once; work that would exceed it waits
 (earlier work first: retries, fallbacks, next iterations, fanned-out items, then ready steps).
 Expression and template errors fail the step at once, without retries or fallbacks.
@@ -56,10 +62,11 @@ The definition must be the one the run was submitted with.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
+from eventstore.codec import encode_value
 from eventstore.events import (
     Envelope,
     ErrorInfo,
@@ -99,19 +106,34 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     state: RunState | None = None
 
 
-def decide(definition: WorkflowDef, state: RunState, now_ms: int) -> Decision:
+#: Bytes of an event left for everything but a step's inputs or a fan-out's items (ids,
+#: producer, trace context and the other fields take well under this).
+EVENT_ALLOWANCE: Final = 2048
+
+
+def decide(
+    definition: WorkflowDef, state: RunState, now_ms: int, *, value_limit: int | None = None
+) -> Decision:
     """The next decisions for ``state`` at ``now_ms`` (see the module docstring)."""
     if state.status in TERMINAL:
         return Decision(state=state)
-    decider = _Decider(plan_for(definition), definition, state, now_ms)
+    decider = _Decider(plan_for(definition), definition, state, now_ms, value_limit)
     return msgspec.structs.replace(decider.run(), state=decider.state)
 
 
 class _Decider:
     """One call of :func:`decide`: the decisions so far and the state they lead to."""
 
-    def __init__(self, plan: Plan, definition: WorkflowDef, state: RunState, now: int) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        definition: WorkflowDef,
+        state: RunState,
+        now: int,
+        value_limit: int | None,
+    ) -> None:
         self.plan = plan
+        self.value_limit = value_limit
         self.definition = definition
         self.origin = state
         self.state = state
@@ -393,6 +415,8 @@ class _Decider:
             if not isinstance(items, list | tuple):
                 self.step_fails(step_id, policy.not_a_list_error(step_def.for_each, items))
                 return True
+            if not self.fits(step_id, "the for_each items", items):
+                return True
             self.emit(StepFannedOut(step=step_id, items=list(items)))
             return self.fan_out(step_id)
         iteration = 1 if step_def.loop is not None else None
@@ -421,6 +445,8 @@ class _Decider:
             inputs = render(template, self.scope(step_id, item, iteration))
         except ExpressionError as exc:
             self.step_fails(step_id, policy.expression_error(exc))
+            return
+        if not self.fits(step_id, "the rendered inputs", inputs):
             return
         if reason is not None:
             self.emit(
@@ -458,6 +484,21 @@ class _Decider:
                 idempotency_key=key,
             )
         )
+
+    def fits(self, step_id: str, what: str, value: Any) -> bool:
+        """Whether ``value`` fits in an event; else the step fails, naming ``what``."""
+        limit = self.value_limit
+        if limit is None:
+            return True
+        try:
+            size = len(encode_value(value))
+        except (msgspec.EncodeError, OverflowError, TypeError) as exc:
+            self.step_fails(step_id, policy.not_encodable_error(what, exc))
+            return False
+        if size <= limit:
+            return True
+        self.step_fails(step_id, policy.too_large_error(what, size, limit))
+        return False
 
     def step_fails(self, step_id: str, error: ErrorInfo) -> None:
         if self.plan.steps[step_id].critical:

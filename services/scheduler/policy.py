@@ -89,3 +89,19 @@ def loop_exhausted_error(loop: LoopSpec) -> ErrorInfo:
 def definition_error(problem: str) -> ErrorInfo:
     """A definition whose step graph cannot run."""
     return ErrorInfo(type="DefinitionError", message=problem, retryable=False)
+
+
+def too_large_error(what: str, size: int, limit: int) -> ErrorInfo:
+    """A step's rendered inputs or fanned-out items over what one event may hold: the step
+    fails, never retried (the same outputs render the same way)."""
+    message = (
+        f"{what} are {size} bytes encoded, over the {limit} bytes an event leaves for them"
+        " (max_event_bytes less room for the rest of the event)"
+    )
+    return ErrorInfo(type="ValueTooLarge", message=message, retryable=False)
+
+
+def not_encodable_error(what: str, exc: Exception) -> ErrorInfo:
+    """A step's rendered inputs or fanned-out items holding a value msgpack cannot carry (an
+    integer beyond 64 bits): the step fails, never retried."""
+    return ErrorInfo(type="ValueNotEncodable", message=f"{what}: {exc}", retryable=False)

@@ -44,7 +44,7 @@ from services.observability.logs import trace_field
 from services.observability.tracing import Cause, RunTracer
 from services.producer import Producer, now_ms
 from services.runs import RunLoader
-from services.scheduler.decide import decide
+from services.scheduler.decide import EVENT_ALLOWANCE, decide
 from services.workflow.errors import DefinitionError
 
 log = logging.getLogger("flowlog.scheduler")
@@ -79,6 +79,8 @@ class SchedulerService:
         self.timer_poll_s = timer_poll_s
         self.loader = loader or RunLoader(store)
         self.tracer = RunTracer(store.config, tracer_provider)
+        # What a step's inputs may take of an event the store accepts (see decide()).
+        self._value_limit = max(store.config.max_event_bytes - EVENT_ALLOWANCE, 0)
         self._stop = anyio.Event()
         self._armed: dict[str, int] = {}
         self._settled: dict[str, RunState] = {}
@@ -146,7 +148,7 @@ class SchedulerService:
                 except DefinitionError:
                     log.exception("run definition no longer parses", extra={"run_id": run_id})
                     continue
-                decision = decide(definition, state, now)
+                decision = decide(definition, state, now, value_limit=self._value_limit)
                 wakes[run_id] = decision.wake_at_ms
                 if not decision.events:
                     self._settle(state, now)

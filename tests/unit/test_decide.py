@@ -51,8 +51,11 @@ def workflow(*steps: StepDef, max_parallel: int | None = None, **inputs: Any) ->
 class Sim:
     """One run: decisions and hand-written runner facts applied in order at ``now``."""
 
-    def __init__(self, definition: WorkflowDef, **inputs: Any) -> None:
+    def __init__(
+        self, definition: WorkflowDef, *, value_limit: int | None = None, **inputs: Any
+    ) -> None:
         self.definition = definition
+        self.value_limit = value_limit
         self.now = T0
         self.events: list[Envelope] = []
         self.state: RunState | None = None
@@ -80,7 +83,7 @@ class Sim:
         """The decision, its events added; checks the state it carries is the one they lead
         to, and leaves that state out so decisions compare by events and wake time."""
         before = self.run
-        decision = decide(self.definition, before, self.now)
+        decision = decide(self.definition, before, self.now, value_limit=self.value_limit)
         for data in decision.events:
             self.add(data)
         after = msgspec.structs.replace(self.run, last_event_id="") if decision.events else before
@@ -754,3 +757,50 @@ def test_a_bare_for_each_with_nested_braces_that_validates_also_runs() -> None:
     )
     decision = Sim(definition).decide()
     assert [e.inputs for e in scheduled(decision)] == [{"n": 1}, {"n": 2}]
+
+
+@pytest.mark.parametrize("critical", [True, False])
+def test_inputs_or_items_too_large_for_an_event_fail_the_step_instead_of_being_scheduled(
+    critical: bool,
+) -> None:
+    """The store would refuse the event; the run must not wait for it. A critical step fails
+    the run, another one is skipped: either way the error names the sizes."""
+    sim = Sim(
+        workflow(
+            StepDef(id="big", agent="echo"),
+            StepDef(
+                id="copy",
+                agent="echo",
+                depends_on=("big",),
+                with_={"value": "${{ [steps.big.output, steps.big.output] }}"},
+                critical=critical,
+            ),
+            StepDef(
+                id="each", agent="echo", depends_on=("big",), for_each="${{ steps.big.output }}"
+            ),
+            StepDef(id="fine", agent="echo", depends_on=("big",), with_={"value": "${{ 1 }}"}),
+        ),
+        value_limit=1000,
+    )
+    sim.decide()
+    sim.finish("big", ["x" * 300, "y" * 300])
+    decision = sim.decide()
+    kinds_made = kinds(decision)
+    if critical:
+        assert kinds_made[-1] == "RunFailed"
+        assert sim.run.error is not None
+        assert sim.run.error.type == "ValueTooLarge"
+        assert "the rendered inputs are 1" in sim.run.error.message
+    else:
+        assert sim.run.steps["copy"].status == "skipped"
+        assert sim.run.steps["each"].items == ["x" * 300, "y" * 300]
+        assert [e.step for e in scheduled(decision)] == ["each", "each", "fine"]
+    small = Sim(
+        workflow(StepDef(id="each", agent="echo", for_each="${{ inputs.items }}")),
+        value_limit=100,
+        items=list(range(100)),
+    )
+    small.decide()
+    assert small.run.status == "failed"
+    assert small.run.error is not None
+    assert "the for_each items are" in small.run.error.message

@@ -4,6 +4,7 @@ coming back through the feed are not decided again, unless a retry in them is du
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import pytest
@@ -19,13 +20,15 @@ from eventstore.events import (
     StepSucceeded,
 )
 from eventstore.memory import MemoryStore
-from eventstore.store import Subscription
+from eventstore.store import StoreConfig, Subscription
 from projections.run_state import RunState, replay
 from services import commands
+from services.app import running
 from services.producer import Producer
 from services.scheduler import service as scheduler_service
 from services.scheduler.decide import Decision, decide
 from services.scheduler.service import GROUP, SchedulerService
+from services.settings import Settings
 from services.workflow.loader import parse_definition
 from services.workflow.model import WorkflowDef
 
@@ -52,9 +55,11 @@ def counting_decide(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record the run of every decision the scheduler service makes."""
     decided: list[str] = []
 
-    def spy(definition: WorkflowDef, state: RunState, now_ms: int) -> Decision:
+    def spy(
+        definition: WorkflowDef, state: RunState, now_ms: int, *, value_limit: int | None = None
+    ) -> Decision:
         decided.append(state.run_id)
-        return decide(definition, state, now_ms)
+        return decide(definition, state, now_ms, value_limit=value_limit)
 
     monkeypatch.setattr(scheduler_service, "decide", spy)
     return decided
@@ -168,3 +173,35 @@ async def test_a_retry_due_at_once_is_scheduled_when_its_decision_comes_back() -
     assert isinstance(last, StepScheduled)
     assert last.attempt == 2
     await store.close()
+
+
+async def test_a_decision_the_store_could_not_hold_fails_the_step_instead_of_the_scheduler() -> (
+    None
+):
+    """Inputs rendered from outputs can outgrow an event: the scheduler (and the run) must go
+    on, with the step failed naming the sizes."""
+    store = MemoryStore(StoreConfig(max_event_bytes=4096))
+    definition = parse_definition(
+        f"""\
+name: outgrown
+steps:
+  - id: a
+    agent: shell
+    with: {{argv: ["{sys.executable}", "-c", "print('x' * 3000)"]}}
+  - id: b
+    agent: echo
+    depends_on: [a]
+    with: {{value: ["${{{{ steps.a.output }}}}", "${{{{ steps.a.output }}}}"]}}
+"""
+    )
+    async with running(store, Settings(redis_url=None, http_port=0), ("scheduler", "runner")):
+        run = await commands.submit(store, Producer("test"), definition)
+        state = await commands.wait(store, run.run_id, timeout_s=30)
+    assert (state.status, state.steps["a"].status, state.steps["b"].status) == (
+        "failed",
+        "succeeded",
+        "failed",
+    )
+    assert state.error is not None
+    assert state.error.type == "ValueTooLarge"
+    assert "the rendered inputs are" in state.error.message
