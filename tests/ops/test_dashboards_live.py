@@ -73,6 +73,10 @@ def four_services(redis_server: RedisServer, tmp_path: Path) -> Iterator[Cluster
         FLOWLOG_STORE__CLAIM_IDLE_S="1.5",
         FLOWLOG_CHECKPOINT__INTERVAL_S="0.5",
         FLOWLOG_RUNNER__HEARTBEAT_S="0.3",
+        # The workload fails shell steps on purpose (examples and DOOMED); five of them in a
+        # row, which the timing decides, would open the shell agent's circuit, and the order
+        # pipeline's fetch would then fail fast, leaving the cache panels with no hit to show.
+        FLOWLOG_RUNNER__BREAKER_FAILURES="1000",
     ) as services:
         yield services
 
