@@ -50,6 +50,9 @@ be recorded.
 
 ``max_parallel`` bounds the units scheduled or running at once; work that would exceed it waits
 (earlier work first: retries, fallbacks, next iterations, fanned-out items, then ready steps).
+When a later rule of the same call frees slots (a non-critical step's skip cancels its units),
+the rules are applied again to the state reached, so work passed over gets them: the scheduler
+decides again only on a new event or a wake-up, and neither may come.
 Expression and template errors fail the step at once, without retries or fallbacks.
 
 ``step_scheduled`` carries the rendered ``with``, agent, queue, timeout, cache TTL, item,
