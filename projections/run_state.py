@@ -531,6 +531,12 @@ def _accepts(unit: UnitState, e: StepScheduled) -> bool:
     return next_iteration and e.attempt == 1 and e.fallback_index == 0
 
 
+def start_deadline_ms(scheduled_ms: int, timeout_s: float | None) -> int | None:
+    """When a unit scheduled at ``scheduled_ms`` and not started by then times out (None: it
+    has no timeout)."""
+    return None if timeout_s is None else scheduled_ms + round(timeout_s * 1000) + START_GRACE_MS
+
+
 def _step_scheduled(n: _Next, ts: int, e: StepScheduled) -> None:
     found = _current(n, e.step, e.item)
     if found is None or not _accepts(found[2], e):
@@ -538,7 +544,7 @@ def _step_scheduled(n: _Next, ts: int, e: StepScheduled) -> None:
     step, lane, _ = found
     if step.status == "pending" and step.waiting:
         return
-    deadline = None if e.timeout_s is None else ts + round(e.timeout_s * 1000) + START_GRACE_MS
+    deadline = start_deadline_ms(ts, e.timeout_s)
     unit = UnitState(
         item=e.item,
         iteration=e.iteration,

@@ -10,7 +10,10 @@ breaker, result cache — see :mod:`services.agents.resilience`) and appends ``s
 or ``step_failed``; a cache hit appends ``step_cache_hit`` and runs nothing. An outcome the
 store refuses as it is (an output over ``max_event_bytes``, or a value msgpack cannot carry)
 is recorded as the attempt's non-retryable failure (``OutputNotRecorded``, naming why), so a
-bad output fails its step, not the runner.
+bad output fails its step, not the runner. A step with a timeout that waited (for a worker, a
+slot, or a claim after its runner died) past the time the scheduler times out a unit never
+started is acknowledged and not started: the scheduler records that timeout and retries it,
+and running it as well would run the step twice.
 An inline agent (:class:`~services.agents.base.InlineAgent`: pure, instant) is called by the
 reader itself, and its ``step_started`` goes out with the outcome in one append for the whole
 batch, as do cache hits. The work entry is acknowledged only after the outcome is appended (by
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -61,12 +64,13 @@ from eventstore.store import (
     EventStore,
     Subscription,
 )
+from projections.run_state import start_deadline_ms
 from services.agents.base import AgentContext, AgentError, error_info
 from services.agents.resilience import AgentExecutor, CacheHit, ExecutionResult
 from services.group_commit import GroupCommit
 from services.observability.logs import trace_field
 from services.observability.tracing import RunTracer
-from services.producer import Producer
+from services.producer import Producer, now_ms
 
 log = logging.getLogger("flowlog.runner")
 
@@ -80,6 +84,13 @@ def attempt_id(run_id: str, s: StepScheduled, what: str) -> str:
     the scheduler makes unique per run generation, step, unit, fallback and attempt), so a
     repeated delivery of the attempt appends nothing new."""
     return derived_event_id(run_id, s.idempotency_key, what)
+
+
+class _TimedOutUnstarted(Exception):
+    """The attempt waited (for a worker, a bulkhead slot, or a claim after its runner died)
+    past the time the scheduler times out a unit scheduled and not started: the scheduler has
+    recorded that timeout, or will, and decides what comes next; starting it now would run
+    the step beside its retry or fallback."""
 
 
 class _InFlight:
@@ -107,8 +118,10 @@ class RunnerService:
         prefetch: int = 4,
         block_ms: int = 500,
         tracer_provider: TracerProvider | None = None,
+        clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.store = store
+        self.clock_ms = clock_ms
         self.producer = producer
         self.executor = executor
         self.consumer = consumer
@@ -263,8 +276,11 @@ class RunnerService:
         if hit is not None:
             await self._append(self._fact(job.delivery, "cache_hit", _cache_hit(s, hit)))
             return
+        deadline = start_deadline_ms(envelope.ts, s.timeout_s)
 
         async def admitted() -> None:
+            if deadline is not None and self.clock_ms() > deadline:
+                raise _TimedOutUnstarted
             # A claimed re-delivery records its own start: the timeline shows the re-run.
             what = f"started:{job.delivery.deliveries}"
             await self._append(self._fact(job.delivery, what, self._started(s)))
@@ -280,6 +296,12 @@ class RunnerService:
                     s.cache_ttl_s,
                     on_admitted=admitted,
                 )
+            except _TimedOutUnstarted:
+                log.warning(
+                    "step not started: its start deadline passed while it waited",
+                    extra={"run_id": run_id, "step": s.step, "attempt": s.attempt},
+                )
+                return
             except StoreError:
                 raise
             except Exception as exc:

@@ -18,6 +18,7 @@ import anyio.to_thread
 import pytest
 import redis.asyncio as aioredis
 from support.redis_server import RedisServer, isolated
+from support.waits import LogSeen
 
 from eventstore import codec
 from eventstore.errors import EventNotEncodable, SpoolError, StoreClosed, StoreError
@@ -49,19 +50,6 @@ class TestFallbackStore(test_redis.TestRedisStore):
     async def make_store(self, config: StoreConfig) -> EventStore:
         primary = RedisStore.from_url(self.server.url, isolated(config))
         return FallbackStore(primary, self.spool_dir / f"{primary.config.prefix}.spool")
-
-
-class LogSeen(logging.Handler):
-    """Sets :attr:`seen` when a record with ``message`` is logged."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__()
-        self.message = message
-        self.seen = anyio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == self.message:
-            self.seen.set()
 
 
 def records_of(caplog: pytest.LogCaptureFixture, message: str) -> list[dict[str, Any]]:

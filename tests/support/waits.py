@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 
 from eventstore.events import Envelope
@@ -44,3 +46,16 @@ async def caught_up(store: EventStore, *groups: str, timeout_s: float = 30) -> N
             if seen == set(groups) and all(g.pending == 0 and g.lag == 0 for g in infos):
                 return
             await anyio.sleep(0.02)
+
+
+class LogSeen(logging.Handler):
+    """Sets :attr:`seen` when a record with ``message`` is logged (add it to the logger)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+        self.seen = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == self.message:
+            self.seen.set()

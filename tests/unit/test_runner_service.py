@@ -4,6 +4,7 @@ other agents go through a worker, which appends the start before the agent runs.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from support.waits import LogSeen
 
 from eventstore.events import (
     Envelope,
@@ -25,6 +27,7 @@ from eventstore.events import (
 )
 from eventstore.memory import MemoryStore, MemorySubscription
 from eventstore.store import AppendRequest, AppendResult, Delivery, StoreConfig
+from projections.run_state import START_GRACE_MS
 from services import commands
 from services.agents.base import AgentContext
 from services.agents.registry import default_registry
@@ -369,3 +372,58 @@ async def test_a_step_queued_for_its_agents_bulkhead_is_not_started_yet() -> Non
         assert statuses == ["running", "scheduled"]
         await commands.cancel(store, producer, run.run_id)
         assert (await commands.wait(store, run.run_id, timeout_s=30)).status == "cancelled"
+
+
+async def test_an_attempt_past_its_start_deadline_is_not_started() -> None:
+    """A step that waited (for a worker, a bulkhead slot, a claim) past the time the
+    scheduler times out a unit never started is left to the scheduler, which has recorded that
+    timeout or will: the runner acknowledges it and runs nothing."""
+    store = MemoryStore()
+    producer = Producer("scheduler")
+    scheduled_at = 1_700_000_000_000
+    late, fresh = (
+        producer.envelope(
+            f"run-{name}",
+            StepScheduled(step="s", attempt=1, agent="sleep", inputs={"seconds": 0}, timeout_s=1),
+            ts=scheduled_at,
+        )
+        for name in ("late", "fresh")
+    )
+    clock = [scheduled_at + 1_000 + START_GRACE_MS + 1]
+    runner = RunnerService(
+        store,
+        Producer("runner"),
+        AgentExecutor(default_registry()),
+        consumer="r",
+        clock_ms=lambda: clock[0],
+    )
+    noted = LogSeen("step not started: its start deadline passed while it waited")
+    runner_log = logging.getLogger("flowlog.runner")
+    runner_log.addHandler(noted)
+    watcher = await store.subscribe("watcher", "test")
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(runner.run)
+            await store.append(late.run_id, [late])
+            with anyio.fail_after(30):
+                await noted.seen.wait()
+            clock[0] = scheduled_at
+            await store.append(fresh.run_id, [fresh])
+            with anyio.fail_after(30):
+                while not any(
+                    isinstance(d.envelope.data, StepSucceeded)
+                    for d in await watcher.fetch(100, block_ms=1000)
+                ):
+                    pass
+            runner.stop()
+    finally:
+        runner_log.removeHandler(noted)
+    assert [e.type async for e in store.read_run(late.run_id)] == ["step_scheduled"]
+    assert [e.type async for e in store.read_run(fresh.run_id)] == [
+        "step_scheduled",
+        "step_started",
+        "step_succeeded",
+    ]
+    infos = [i for i in await store.group_info() if i.group == group_for("default")]
+    assert infos
+    assert all((info.pending, info.lag) == (0, 0) for info in infos)
