@@ -702,16 +702,22 @@ class MemoryStore:
         self._timers.pop((run_id, timer_id), None)
 
     async def put_snapshot(self, snapshot: Snapshot) -> None:
-        """Keep ``snapshot`` as the run's latest."""
+        """Keep ``snapshot`` as the run's latest, unless the one kept is of the same version
+        and a later seq."""
         await anyio.lowlevel.checkpoint()
         self._check_open()
-        self._snapshots[snapshot.run_id] = snapshot
+        self._keep_snapshot(snapshot)
 
     async def put_snapshots(self, snapshots: Sequence[Snapshot]) -> None:
-        """Keep each snapshot as its run's latest, in order."""
+        """Keep each snapshot as its run's latest, in order (as :meth:`put_snapshot`)."""
         await anyio.lowlevel.checkpoint()
         self._check_open()
         for snapshot in snapshots:
+            self._keep_snapshot(snapshot)
+
+    def _keep_snapshot(self, snapshot: Snapshot) -> None:
+        kept = self._snapshots.get(snapshot.run_id)
+        if kept is None or kept.version != snapshot.version or kept.seq <= snapshot.seq:
             self._snapshots[snapshot.run_id] = snapshot
 
     async def get_snapshot(self, run_id: str) -> Snapshot | None:

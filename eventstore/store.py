@@ -297,7 +297,10 @@ class EventStore(Protocol):
 
     async def cancel_timer(self, run_id: str, timer_id: str) -> None: ...
 
-    async def put_snapshot(self, snapshot: Snapshot) -> None: ...
+    async def put_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` as the run's latest, unless the store keeps one of the same state
+        version and a later seq (a late writer never takes a run's checkpoint back)."""
+        ...
 
     async def put_snapshots(self, snapshots: Sequence[Snapshot]) -> None:
         """Several runs' snapshots in one round trip (as ``put_snapshot`` each, in order)."""

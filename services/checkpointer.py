@@ -36,7 +36,7 @@ group has not read), counting trims in ``metrics``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import anyio
@@ -170,11 +170,21 @@ class Checkpointer:
 
     async def _write(self, run_ids: list[str], due: dict[str, _Due]) -> list[Delivery]:
         """Snapshot the latest state of each due run of ``run_ids``; their held entries."""
-        # The loader's state has every event folded since; the due one if it was evicted.
-        await self.checkpoint(
-            *(self.loader.cached(run_id) or due[run_id].state for run_id in run_ids)
-        )
+        await self.checkpoint(*await self._complete(run_ids))
         return [delivery for run_id in run_ids for delivery in due.pop(run_id).deliveries]
+
+    async def _complete(self, run_ids: Iterable[str]) -> list[RunState]:
+        """Each run's latest state with every event up to its seq folded in: the loader's, or
+        loaded again from the store when the loader has none such. A state another service
+        moved past a passive event it had not seen yet (a scheduler's decision landing after
+        a checkpoint, with one loader shared in ``flowlog up``) is never snapshotted: it
+        would not be the state a replay gives."""
+        states = []
+        for run_id in run_ids:
+            state = self.loader.cached(run_id) or await self.loader.load(run_id)
+            if state is not None:
+                states.append(state)
+        return states
 
     async def wait_handled(self, count: int) -> None:
         """Wait until at least ``count`` feed entries have been handled."""
@@ -210,7 +220,8 @@ class Checkpointer:
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Fold ``deliveries`` in and snapshot the runs they make due, at once."""
-        await self.checkpoint(*await self.due_states(deliveries))
+        due = await self.due_states(deliveries)
+        await self.checkpoint(*await self._complete(state.run_id for state in due))
 
     async def due_states(self, deliveries: Sequence[Delivery]) -> list[RunState]:
         """Fold ``deliveries`` in; the states of the runs they make due for a snapshot."""

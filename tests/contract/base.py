@@ -750,6 +750,19 @@ class StoreContract(abc.ABC):
         await store.put_snapshot(newer)
         assert await store.get_snapshot("run-a") == newer
 
+    async def test_an_older_snapshot_does_not_replace_a_later_one(self) -> None:
+        store = await self.open_store()
+        await store.append("run-a", [step_done("run-a", 1)])
+        later = Snapshot(run_id="run-a", seq=18, version=1, state=b"eighteen")
+        await store.put_snapshot(later)
+        await store.put_snapshot(Snapshot(run_id="run-a", seq=5, version=1, state=b"five"))
+        await store.put_snapshots([Snapshot(run_id="run-a", seq=7, version=1, state=b"seven")])
+        assert await store.get_snapshot("run-a") == later
+        # another state version replaces it whatever its seq (the old one is unreadable now)
+        upgraded = Snapshot(run_id="run-a", seq=3, version=2, state=b"v2")
+        await store.put_snapshot(upgraded)
+        assert await store.get_snapshot("run-a") == upgraded
+
     async def test_snapshots_of_many_runs_in_one_call(self) -> None:
         store = await self.open_store()
         snaps = [
