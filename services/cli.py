@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import msgspec
-import yaml
+import pydantic
+from pydantic_settings import SettingsError
 from rich.console import Console
 
 from eventstore.errors import FlowlogError
@@ -24,8 +25,13 @@ from services.workflow.errors import DefinitionError
 
 OUTPUTS = ("text", "json", "jsonl")
 SERVICES = ("scheduler", "runner", "checkpointer", "metrics")
+_INPUT_DECODER: Final = msgspec.json.Decoder()
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+
+class InvalidSettings(FlowlogError):
+    """A ``FLOWLOG_`` environment variable (or ``.env`` entry) has a value flowlog refuses."""
 
 
 class Output:
@@ -47,16 +53,18 @@ class Output:
 
 
 def parse_inputs(pairs: Sequence[str]) -> dict[str, Any]:
-    """``k=v`` pairs; values are read as YAML scalars/flow collections (3, true, [1, 2])."""
+    """``k=v`` pairs. A value that is JSON is read as JSON (``3``, ``true``, ``null``,
+    ``[1, 2]``, ``{"a": 1}``, ``"007"``); anything else is the string as typed (``#general``,
+    ``01234``, ``NO``, ``12:30`` stay strings)."""
     inputs: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise FlowlogError(f"--input {pair!r}: expected KEY=VALUE")
         try:
-            inputs[key] = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as exc:
-            raise FlowlogError(f"--input {key}: value is not valid YAML: {exc}") from exc
+            inputs[key] = _INPUT_DECODER.decode(raw)
+        except msgspec.DecodeError:
+            inputs[key] = raw
     return inputs
 
 
@@ -209,7 +217,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides: dict[str, Any] = {}
     if args.redis_url:
         overrides["redis_url"] = args.redis_url
-    settings = Settings(**overrides)
     action = getattr(args, f"{args.command}_command", None)
     key = f"{args.command} {action}" if action else args.command
     handler = _handlers()[key]
@@ -217,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out = out
     tune_gc()
     try:
+        try:
+            settings = Settings(**overrides)
+        except (pydantic.ValidationError, SettingsError) as exc:
+            raise InvalidSettings(f"the FLOWLOG_ settings are not valid: {exc}") from exc
         return anyio.run(handler, args, settings)
     except DefinitionError as exc:
         if out.machine:

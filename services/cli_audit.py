@@ -79,6 +79,13 @@ async def verify_runs(
     return findings
 
 
+async def _require_runs(store: EventStore, run_ids: Sequence[str]) -> None:
+    """Raise :class:`RunNotFound` naming the runs of ``run_ids`` the store does not hold."""
+    missing = [run_id for run_id in run_ids if await store.head(run_id) is None]
+    if missing:
+        raise RunNotFound(f"no such run (never submitted, or expired): {', '.join(missing)}")
+
+
 async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     out = _out(args)
     anchors = read_anchors(args.anchors) if args.anchors else {}
@@ -90,6 +97,9 @@ async def audit_verify(args: argparse.Namespace, settings: Settings) -> int:
             run_ids = known + [run_id for run_id in anchors if run_id not in held]
         else:
             run_ids = list(args.runs)
+            # a run named but not held is checked against its anchor; without one it is a
+            # mistyped or expired id, not an intact run
+            await _require_runs(store, [r for r in run_ids if r not in anchors])
         findings = await verify_runs(store, run_ids, key=key, anchors=anchors)
     if out.machine:
         out.json(
@@ -224,7 +234,11 @@ async def export(args: argparse.Namespace, settings: Settings) -> int:
     out = _out(args)
     since = _time_ms(args.since, "--since") if args.since else None
     async with open_store(settings, command="export", require_redis=True) as store:
-        run_ids = list(args.runs) if args.runs and not args.all else await store.list_runs()
+        if args.runs and not args.all:
+            run_ids = list(args.runs)
+            await _require_runs(store, run_ids)
+        else:
+            run_ids = await store.list_runs()
         count = await write_export(Path(args.out_file), run_events(store, run_ids, since_ms=since))
     if out.machine:
         out.json({"file": args.out_file, "events": count})

@@ -109,19 +109,22 @@ async def wait(
     poll_s: float = 0.05,
     on_progress: Callable[[RunState], None] | None = None,
 ) -> RunState:
-    """Follow the run until it is terminal; ``on_progress`` sees every new state."""
+    """Follow the run until it is terminal; ``on_progress`` sees every new state. Raises
+    :class:`WaitTimeout` after ``timeout_s`` (None: no bound)."""
     loader = RunLoader(store)
     seen = -1
-    with anyio.fail_after(timeout_s) if timeout_s else anyio.CancelScope():
+    status = "not submitted"
+    with anyio.move_on_after(timeout_s):
         while True:
             state = await loader.load(run_id)
             if state is not None:
                 if state.seq != seen and on_progress is not None:
                     on_progress(state)
-                seen = state.seq
+                seen, status = state.seq, state.status
                 if state.status in TERMINAL_STATUSES:
                     return state
             await anyio.sleep(poll_s)
+    raise WaitTimeout(f"run {run_id} did not finish within {timeout_s:g}s (it is {status})")
 
 
 async def _control(

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from eventstore.store import TERMINAL_STATUSES, EventStore
 from projections.run_state import RunState
 from services.cli import Output
+from services.commands import WaitTimeout
 from services.runs import RunLoader
 
 DONE_STEP = frozenset({"succeeded", "skipped", "failed", "cancelled"})
@@ -27,7 +28,8 @@ async def follow_runs(
     timeout_s: float | None = None,
     poll_s: float = 0.05,
 ) -> dict[str, RunState]:
-    """Show a bar per run (``(run_id, label)``) until every run is terminal."""
+    """Show a bar per run (``(run_id, label)``) until every run is terminal; raises
+    :class:`~services.commands.WaitTimeout` after ``timeout_s`` (None: no bound)."""
     loader = RunLoader(store)
     final: dict[str, RunState] = {}
     with Progress(
@@ -43,7 +45,7 @@ async def follow_runs(
             run_id: progress.add_task(label, total=None, status="submitted")
             for run_id, label in runs
         }
-        with anyio.fail_after(timeout_s) if timeout_s else anyio.CancelScope():
+        with anyio.move_on_after(timeout_s):
             while len(final) < len(runs):
                 for run_id, task in tasks.items():
                     if run_id in final:
@@ -60,6 +62,9 @@ async def follow_runs(
                     if state.status in TERMINAL_STATUSES:
                         final[run_id] = state
                 await anyio.sleep(poll_s)
+    if len(final) < len(runs):
+        left = ", ".join(label for run_id, label in runs if run_id not in final)
+        raise WaitTimeout(f"not finished within {timeout_s:g}s: {left}")
     return final
 
 

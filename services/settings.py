@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     )
 
     redis_url: SecretStr | None = None
+    #: Redis Cluster is not supported yet (a subscription reads every partition's feed in one
+    #: command, which a cluster refuses across slots): setting this is refused, not ignored.
     redis_cluster: bool = False
     instance: str = ""
     http_host: str = "127.0.0.1"
@@ -99,6 +101,15 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     runner: RunnerSettings = RunnerSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
+
+    @model_validator(mode="after")
+    def _standalone_redis(self) -> Settings:
+        if self.redis_cluster:
+            raise ValueError(
+                "FLOWLOG_REDIS_CLUSTER: Redis Cluster is not supported yet; point"
+                " FLOWLOG_REDIS_URL at a standalone Redis (a primary, with replicas if wanted)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _checkpoint_hold_below_claim_idle(self) -> Settings:

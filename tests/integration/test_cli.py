@@ -10,6 +10,8 @@ from pathlib import Path
 import msgspec
 from support.processes import REPO
 
+from services.cli import parse_inputs
+
 EXAMPLES = REPO / "examples"
 
 
@@ -87,3 +89,23 @@ def test_commands_that_need_redis_say_so_and_point_at_the_demo() -> None:
     assert "flowlog demo" in done.stderr
     machine = flowlog("submit", str(EXAMPLES / "sequential.yaml"), "-o", "json")
     assert msgspec.json.decode(machine.stdout)["error"] == "RedisNotConfigured"
+
+
+def test_a_bad_setting_is_named_with_a_clean_error() -> None:
+    done = flowlog("runs", "list", "-o", "json", env={"FLOWLOG_STORE__PARTITIONS": "0"})
+    assert (done.returncode, done.stderr) == (2, "")
+    error = msgspec.json.decode(done.stdout)
+    assert error["error"] == "InvalidSettings"
+    assert "store.partitions" in error["message"]
+    cluster = flowlog("runs", "list", env={"FLOWLOG_REDIS_CLUSTER": "true"})
+    assert cluster.returncode == 2
+    assert "Redis Cluster is not supported" in cluster.stderr
+    assert "Traceback" not in cluster.stderr
+
+
+def test_input_values_are_json_or_the_string_as_typed() -> None:
+    assert parse_inputs(
+        ["n=3", "on=true", "items=[1, 2]", 'obj={"a": 1}', 'quoted="007"', "empty="]
+    ) == {"n": 3, "on": True, "items": [1, 2], "obj": {"a": 1}, "quoted": "007", "empty": ""}
+    typed = ["channel=#general", "zip=01234", "at=12:30", "country=NO", "user=@alice"]
+    assert parse_inputs(typed) == {pair.split("=")[0]: pair.split("=")[1] for pair in typed}

@@ -210,3 +210,20 @@ async def test_rebuild_reports_events_per_second(recorded: Recorded) -> None:
     people = recorded.flowlog("rebuild")
     assert people.returncode == 0, people.stderr
     assert "events/s" in people.stdout
+
+
+@pytest.mark.parametrize("command", [["audit", "verify"], ["export", "--out", "unused.jsonl"]])
+async def test_a_run_the_store_does_not_hold_is_an_error_not_an_empty_success(
+    recorded: Recorded, tmp_path: Path, command: list[str]
+) -> None:
+    """A mistyped or expired run id: audit verify must not call it intact, export must not
+    write an empty file."""
+    if command[0] == "export":
+        command = ["export", "--out", str(tmp_path / "out.jsonl")]
+    done = recorded.flowlog(*command, "no-such-run", recorded.run_id, "-o", "json")
+    assert done.returncode == 2, done.stdout
+    error = msgspec.json.decode(done.stdout)
+    assert error["error"] == "RunNotFound"
+    assert "no-such-run" in error["message"]
+    assert recorded.run_id not in error["message"]
+    assert not (tmp_path / "out.jsonl").exists()

@@ -51,3 +51,14 @@ async def test_controls_refuse_transitions_the_run_does_not_allow() -> None:
     await commands.pause(store, producer, run.run_id)
     assert (await commands.load_run(store, run.run_id)).status == "paused"
     await store.close()
+
+
+async def test_a_wait_that_runs_out_says_which_run_and_where_it_stands() -> None:
+    """No scheduler runs here: the run stays submitted, and the bounded wait ends with a
+    flowlog error (the CLI reports it cleanly) rather than a bare TimeoutError."""
+    store = MemoryStore()
+    run = await commands.submit(store, Producer("test"), DEFINITION)
+    with pytest.raises(commands.WaitTimeout, match=f"run {run.run_id} did not finish") as raised:
+        await commands.wait(store, run.run_id, timeout_s=0.1)
+    assert "(it is submitted)" in str(raised.value)
+    await store.close()
