@@ -5,7 +5,7 @@ and reads on the store. The CLI and the demo call these; nothing here prints.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import msgspec
@@ -26,6 +26,9 @@ from services.observability.tracing import RunTracer
 from services.producer import Producer
 from services.runs import RunLoader
 from services.workflow.model import WorkflowDef
+
+#: Inputs compared as canonical JSON (keys sorted): the same submission in any order.
+_CANONICAL: Final = msgspec.json.Encoder(order="sorted")
 
 
 class RunNotFound(FlowlogError):
@@ -65,33 +68,46 @@ async def submit(
     idempotency_key: str = "",
     tracer_provider: TracerProvider | None = None,
 ) -> SubmitResult:
-    """Append ``run_submitted``. The same idempotency key returns the same run, appending
-    nothing; reusing a key with different inputs or definition raises IdempotencyKeyReused.
-    The submission opens the run's trace (its root span is ``run <workflow>``)."""
+    """Append ``run_submitted`` as the run's first event. Keys are per workflow: the same
+    idempotency key for the same workflow returns the same run, appending nothing, for as long
+    as the run is kept (retention), also past the dedup window; with a different definition or
+    inputs it raises IdempotencyKeyReused. The same submission is the same definition digest
+    and inputs, whatever their order or the path the file was read from. The submission opens
+    the run's trace (its root span is ``run <workflow>``)."""
     run_id = run_id_for(definition.name, idempotency_key)
-    merged = {**definition.inputs, **(inputs or {})}
-    event = producer.envelope(
-        run_id,
-        RunSubmitted(
-            workflow=definition.name,
-            digest=definition.digest,
-            definition=definition.body,
-            definition_format=definition.format,
-            source=definition.source,
-            inputs=merged,
-            idempotency_key=idempotency_key,
-        ),
-        event_id=derived_event_id("submitted", run_id),
+    submitted = RunSubmitted(
+        workflow=definition.name,
+        digest=definition.digest,
+        definition=definition.body,
+        definition_format=definition.format,
+        source=definition.source,
+        inputs={**definition.inputs, **(inputs or {})},
+        idempotency_key=idempotency_key,
     )
+    event = producer.envelope(run_id, submitted, event_id=derived_event_id("submitted", run_id))
     tracer = RunTracer(store.config, tracer_provider)
     with tracer.sending(f"run {definition.name}", event) as event:
-        (result,) = await store.append(run_id, [event])
-    if result.outcome is Outcome.MISMATCH:
-        raise IdempotencyKeyReused(
-            f"idempotency key {idempotency_key!r} was already used for run {run_id} with a"
-            " different definition or inputs"
-        )
-    return SubmitResult(run_id=run_id, duplicate=result.outcome is Outcome.DUPLICATE)
+        # expected seq 0: only a run that does not exist yet is submitted
+        (result,) = await store.append(run_id, [event], expected_seq=0)
+    if result.outcome is Outcome.APPENDED:
+        return SubmitResult(run_id=run_id, duplicate=False)
+    if result.outcome is Outcome.DUPLICATE or await _submitted_as(store, run_id, submitted):
+        return SubmitResult(run_id=run_id, duplicate=True)
+    raise IdempotencyKeyReused(
+        f"idempotency key {idempotency_key!r} was already used for run {run_id} with a"
+        " different definition or inputs"
+    )
+
+
+async def _submitted_as(store: EventStore, run_id: str, submitted: RunSubmitted) -> bool:
+    """Whether the run was submitted with the same workflow, definition and inputs."""
+    first = await anext(aiter(store.read_run(run_id)), None)
+    if first is None or not isinstance(first.data, RunSubmitted):
+        return False
+    stored = first.data
+    return (stored.workflow, stored.digest) == (submitted.workflow, submitted.digest) and (
+        _CANONICAL.encode(stored.inputs) == _CANONICAL.encode(submitted.inputs)
+    )
 
 
 async def load_run(store: EventStore, run_id: str) -> RunState:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from eventstore.memory import MemoryStore
+from eventstore.store import StoreConfig
 from services import commands
 from services.producer import Producer
-from services.workflow.loader import parse_definition
+from services.workflow.loader import load_definition, parse_definition
 
 pytestmark = pytest.mark.anyio
 
@@ -35,6 +38,37 @@ async def test_reusing_a_key_with_other_inputs_is_refused() -> None:
     await commands.submit(store, producer, DEFINITION, {"n": 1}, idempotency_key="k")
     with pytest.raises(commands.IdempotencyKeyReused, match="'k'"):
         await commands.submit(store, producer, DEFINITION, {"n": 2}, idempotency_key="k")
+    await store.close()
+
+
+async def test_a_key_holds_past_the_dedup_window_for_as_long_as_the_run_is_kept() -> None:
+    """The dedup record of the submission expires after a day, the run after a week: a repeat
+    in between must still return the run, not append a second submission to it."""
+    now = [1_000_000]
+    store = MemoryStore(StoreConfig(dedup_ttl_ms=60_000), clock_ms=lambda: now[0])
+    producer = Producer("cli")
+    first = await commands.submit(store, producer, DEFINITION, idempotency_key="order-7")
+    now[0] += 120_000
+    again = await commands.submit(store, producer, DEFINITION, idempotency_key="order-7")
+    assert (again.run_id, again.duplicate) == (first.run_id, True)
+    assert [e.type async for e in store.read_run(first.run_id)] == ["run_submitted"]
+    with pytest.raises(commands.IdempotencyKeyReused):
+        await commands.submit(store, producer, DEFINITION, {"n": 2}, idempotency_key="order-7")
+    await store.close()
+
+
+async def test_the_same_submission_in_another_order_or_from_another_path_is_a_repeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "wf.yaml").write_text("name: wf\nsteps:\n  - {id: a, agent: echo}\n")
+    monkeypatch.chdir(tmp_path)
+    relative, absolute = load_definition(Path("wf.yaml")), load_definition(tmp_path / "wf.yaml")
+    store = MemoryStore()
+    producer = Producer("cli")
+    first = await commands.submit(store, producer, relative, {"a": 1, "b": 2}, idempotency_key="k")
+    again = await commands.submit(store, producer, absolute, {"b": 2, "a": 1}, idempotency_key="k")
+    assert (again.run_id, again.duplicate) == (first.run_id, True)
+    assert [e.type async for e in store.read_run(first.run_id)] == ["run_submitted"]
     await store.close()
 
 
