@@ -628,6 +628,16 @@ class MemoryStore:
             feeds = self._work[queue] = [_Feed() for _ in range(self.config.partitions)]
         return feeds
 
+    async def reset_group(self, group: str) -> None:
+        """Make ``group`` anew at the end of every partition feed (see the protocol)."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        groups = [_Group(group, p, feed) for p, feed in enumerate(self._feeds)]
+        for fresh in groups:
+            fresh.cursor = fresh.feed.end
+            fresh.last_key = fresh.feed.last_key
+        self._groups[group, None] = groups
+
     async def group_info(self) -> list[GroupInfo]:
         """Pending and lag of every group on every partition feed or work stream."""
         await anyio.lowlevel.checkpoint()

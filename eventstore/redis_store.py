@@ -274,6 +274,21 @@ class RedisStore:
         self._subscriptions.add(subscription)
         return subscription
 
+    async def reset_group(self, group: str) -> None:
+        """Make ``group`` anew at the end of every partition feed (see the protocol): create
+        it (and the feed) if missing, ``XGROUP DESTROY`` it, ``XGROUP CREATE ... $``."""
+        self._check_open()
+        with translate_errors(self._url):
+            pipe = self._raw.pipeline(transaction=False)
+            for partition in range(self._keys.partitions):
+                stream = self._keys.feed(partition)
+                pipe.execute_command("XGROUP", "CREATE", stream, group, "$", "MKSTREAM")
+                pipe.execute_command("XGROUP", "DESTROY", stream, group)
+                pipe.execute_command("XGROUP", "CREATE", stream, group, "$")
+            for reply in await pipe.execute(raise_on_error=False):
+                if isinstance(reply, ResponseError) and not str(reply).startswith("BUSYGROUP"):
+                    raise reply
+
     async def group_info(self) -> list[GroupInfo]:
         """Pending entries and lag of every consumer group on every partition feed."""
         self._check_open()

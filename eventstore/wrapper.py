@@ -54,6 +54,9 @@ class StoreWrapper:
     ) -> Subscription:
         return await self.inner.subscribe(group, consumer, queue=queue)
 
+    async def reset_group(self, group: str) -> None:
+        await self.inner.reset_group(group)
+
     async def group_info(self) -> list[GroupInfo]:
         return await self.inner.group_info()
 

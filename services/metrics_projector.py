@@ -124,7 +124,10 @@ class MetricsProjector:
 
     async def load(self) -> MetricsModel:
         """The model of the saved snapshot; without a usable one, a model rebuilt by folding
-        every run's stream (the feed entries that follow are then ignored as repeats)."""
+        every run's stream, the projector's group first made anew at the end of the feeds: it
+        gets only what is appended after (or during) the rebuild. Replaying the whole feed
+        into the rebuilt model would count again the runs it keeps no seq of (finished runs
+        beyond ``keep_finished``)."""
         snapshot = await self.store.get_snapshot(SNAPSHOT_ID)
         if snapshot is not None and snapshot.version == MODEL_VERSION:
             model = decode_model(snapshot.state)
@@ -136,6 +139,7 @@ class MetricsProjector:
                 snapshot.version,
                 MODEL_VERSION,
             )
+        await self.store.reset_group(GROUP)
         model = MetricsModel()
         for run_id in await self.store.list_runs():
             async for envelope in self.store.read_run(run_id):

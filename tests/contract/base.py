@@ -513,6 +513,30 @@ class StoreContract(abc.ABC):
         assert sum(i.pending for i in await store.group_info()) == 0
         assert await consumer.fetch(10, block_ms=0) == []
 
+    async def test_a_reset_group_gets_only_what_is_appended_after(self) -> None:
+        store = await self.open_store()
+        await store.reset_group("fresh")  # a group made at the end of feeds that are empty
+        runs = [f"run-{n}" for n in range(6)]
+        for run_id in runs[:3]:
+            await store.append(run_id, [step_done(run_id, 1)])
+        old = await store.subscribe("projector", "p")
+        pending = await old.fetch(2, block_ms=0)
+        assert len(pending) == 2
+        await old.close()
+        await store.reset_group("projector")
+        for run_id in runs[3:]:
+            await store.append(run_id, [step_done(run_id, 1)])
+        # the entries the old consumer held are dropped with the group, not handed out again
+        again = await store.subscribe("projector", "p")
+        delivered = await drain(again)
+        assert sorted(d.envelope.run_id for d in delivered) == runs[3:]
+        await again.ack(delivered)
+        infos = [i for i in await store.group_info() if i.group == "projector"]
+        assert infos
+        assert all((i.pending, i.lag) == (0, 0) for i in infos)
+        fresh = await store.subscribe("fresh", "f")
+        assert sorted(d.envelope.run_id for d in await drain(fresh)) == runs
+
     async def test_lag_counts_entries_not_yet_delivered(self) -> None:
         store = await self.open_store()
         subscription = await store.subscribe("workers", "c1")

@@ -30,6 +30,7 @@ from eventstore.memory import MemoryStore, MemorySubscription
 from eventstore.store import Delivery, Snapshot, StoreConfig
 from projections.metrics_model import (
     DURATION_BUCKETS,
+    KEEP_FINISHED_RUNS,
     MODEL_VERSION,
     UNKNOWN_WORKFLOW,
     Histogram,
@@ -40,6 +41,7 @@ from projections.metrics_model import (
     fold,
 )
 from services.metrics_projector import GROUP, SNAPSHOT_ID, MetricsProjector
+from services.producer import Producer
 
 T0 = 1_700_000_000_000
 
@@ -393,6 +395,36 @@ async def test_snapshot_of_another_version_is_rebuilt_from_the_run_streams() -> 
     snapshot = await store.get_snapshot(SNAPSHOT_ID)
     assert snapshot is not None
     assert snapshot.version == MODEL_VERSION
+
+
+@pytest.mark.anyio
+async def test_a_first_start_on_a_long_history_counts_every_run_once() -> None:
+    """No snapshot: the model is rebuilt from the run streams, and it keeps no seq of the
+    finished runs beyond ``keep_finished``; the projector's feed must start after what the
+    rebuild folded, or those runs are counted twice."""
+    store = MemoryStore(StoreConfig(partitions=4))
+    producer = Producer("test")
+    runs = KEEP_FINISHED_RUNS + 10
+    for n in range(runs):
+        run_id = f"run-{n:06d}"
+        submitted = RunSubmitted(workflow="w", digest="d", definition="")
+        failed = RunFailed(error=ErrorInfo(type="E", message="m"))
+        await store.append(
+            run_id, [producer.envelope(run_id, submitted), producer.envelope(run_id, failed)]
+        )
+    subject = projector(store)
+    async with anyio.create_task_group() as tg:
+        await tg.start(subject.run)
+        later = "run-later"
+        again = RunSubmitted(workflow="w", digest="d", definition="")
+        await store.append(later, [producer.envelope(later, again)])
+        with anyio.fail_after(30):
+            await subject.wait_applied(2 * runs + 1)
+        subject.stop()
+    assert subject.model.applied == 2 * runs + 1
+    assert subject.model.runs_submitted == {"w": runs + 1}
+    assert counters(subject.model) == counters(await ground_truth(store))
+    assert await pending(store) == 0
 
 
 @pytest.mark.anyio
