@@ -204,8 +204,9 @@ class MetricsProjector:
         """Save, then acknowledge. If saving fails the deliveries stay unacknowledged and
         ``model`` keeps them: the next save covers them, or a restart folds them again."""
         await self._save(model)
-        self._metrics.events_applied.inc(model.applied - applied_before)
         await subscription.ack(deliveries)
+        # counted once acknowledged: a failed ack leaves them to the next commit, counted there
+        self._metrics.events_applied.inc(model.applied - applied_before)
         self._committed.set()
         self._committed = anyio.Event()
 

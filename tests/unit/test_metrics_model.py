@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from support.prometheus import synthetic_runs
+from support.waits import caught_up
 
+from eventstore.errors import StoreUnavailable
 from eventstore.events import (
     Envelope,
     ErrorInfo,
@@ -267,14 +269,16 @@ class Crash(Exception):
 
 
 class CrashingStore(MemoryStore):
-    """A memory store that raises :class:`Crash` once at ``crash_at`` ("snapshot" or "ack")."""
+    """A memory store that raises ``error`` (:class:`Crash` unless set) once at ``crash_at``
+    ("snapshot" or "ack")."""
 
     crash_at = ""
+    error: Exception = Crash()
 
     async def put_snapshot(self, snapshot: Snapshot) -> None:
         if self.crash_at == "snapshot":
             self.crash_at = ""
-            raise Crash
+            raise self.error
         await super().put_snapshot(snapshot)
 
     async def subscribe(
@@ -294,7 +298,7 @@ class CrashingSubscription(MemorySubscription):
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         if self._crashing.crash_at == "ack":
             self._crashing.crash_at = ""
-            raise Crash
+            raise self._crashing.error
         await super().ack(deliveries)
 
 
@@ -375,6 +379,24 @@ async def test_restart_after_a_crash_neither_loses_nor_double_counts(crash_at: s
 
     assert restarted.model.applied == total
     assert counters(restarted.model) == counters(await ground_truth(store))
+
+
+@pytest.mark.anyio
+async def test_events_applied_counts_each_event_once_across_a_failed_ack() -> None:
+    store = CrashingStore(StoreConfig(partitions=4))
+    store.error = StoreUnavailable("the store went away during the ack")
+    registry = CollectorRegistry()
+    subject = MetricsProjector(
+        store, registry=registry, consumer="metrics-1", block_ms=20, retry_s=0.01
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(subject.run)
+        store.crash_at = "ack"
+        total = await append_history(store, "a")
+        await caught_up(store, GROUP)
+        subject.stop()
+    assert store.crash_at == ""
+    assert registry.get_sample_value("flowlog_projector_events_applied_total") == total
 
 
 @pytest.mark.anyio
