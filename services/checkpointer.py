@@ -50,7 +50,7 @@ from projections.run_state import STEP_FINAL, RunState
 from services.linger import linger
 from services.observability.prometheus import ProcessMetrics
 from services.producer import Producer, now_ms
-from services.retention import RetentionReport, run_retention
+from services.retention import ArchiveError, RetentionReport, run_retention
 from services.runs import RunLoader, snapshot_of
 from services.settings import checkpoint_interval_fits
 from services.workflow.errors import DefinitionError
@@ -217,6 +217,9 @@ class Checkpointer:
                 await self.retention()
             except StoreUnavailable as exc:
                 log.warning("feed retention skipped: %s", exc)
+            except ArchiveError:
+                # the store keeps what could not be archived; snapshots go on
+                log.exception("feed retention skipped")
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Fold ``deliveries`` in and snapshot the runs they make due, at once."""

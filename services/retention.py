@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 
 from eventstore import codec
+from eventstore.errors import FlowlogError
 from eventstore.events import Envelope
 from eventstore.store import EventStore, TrimReport
 from services.export import Lines, open_lines
@@ -36,6 +37,11 @@ class RetentionReport(msgspec.Struct, frozen=True, kw_only=True):
     archived_events: int = 0
 
 
+class ArchiveError(FlowlogError):
+    """A feed archive file cannot be written (disk full, no permission...); nothing of that
+    partition was trimmed."""
+
+
 class FeedArchive:
     """The archive files of one retention pass, opened on first use, closed by :meth:`close`."""
 
@@ -49,18 +55,23 @@ class FeedArchive:
         self._stack = ExitStack()
 
     async def __call__(self, partition: int, envelopes: Sequence[Envelope]) -> None:
-        """The :data:`~eventstore.store.Archiver`: append ``envelopes`` to the partition's file."""
-        out = self._open.get(partition)
-        if out is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            suffix = ".jsonl.gz" if self.compress else ".jsonl"
-            path = self.folder / f"feed-p{partition}-{self.horizon_ms}{suffix}"
-            out = self._stack.enter_context(open_lines(path, "ab", compress=self.compress))
-            self._open[partition] = out
-            self.files[partition] = str(path)
-        for envelope in envelopes:
-            out.write(codec.to_json_line(envelope))
-        out.flush()
+        """The :data:`~eventstore.store.Archiver`: append ``envelopes`` to the partition's file.
+        Raises :class:`ArchiveError` when the file cannot be written (the partition is then
+        not trimmed)."""
+        suffix = ".jsonl.gz" if self.compress else ".jsonl"
+        path = self.folder / f"feed-p{partition}-{self.horizon_ms}{suffix}"
+        try:
+            out = self._open.get(partition)
+            if out is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                out = self._stack.enter_context(open_lines(path, "ab", compress=self.compress))
+                self._open[partition] = out
+                self.files[partition] = str(path)
+            for envelope in envelopes:
+                out.write(codec.to_json_line(envelope))
+            out.flush()
+        except OSError as exc:
+            raise ArchiveError(f"cannot write the feed archive {path}: {exc}") from exc
         self.events += len(envelopes)
 
     def close(self) -> None:

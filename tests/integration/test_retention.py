@@ -27,7 +27,7 @@ from eventstore.redis_store import RedisStore
 from eventstore.store import EventStore, StoreConfig
 from services.export import read_export
 from services.observability.prometheus import ProcessMetrics
-from services.retention import run_retention
+from services.retention import ArchiveError, run_retention
 
 pytestmark = pytest.mark.anyio
 
@@ -108,6 +108,25 @@ async def test_memory_trims_past_the_horizon_only_what_every_group_has_read(
         assert trimmed_counter(registry) == 5
         history = [e.seq async for e in store.read_run("run-a")]
         assert history == [1, 2, 3, 4, 5]
+    finally:
+        await store.close()
+
+
+async def test_an_archive_that_cannot_be_written_trims_nothing_and_says_where(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    store = MemoryStore(CONFIG, clock_ms=clock)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the archive folder should be")
+    try:
+        await store.append("run-a", [done("run-a", n) for n in range(1, 6)])
+        await read_some(store, "fast", 5)
+        clock.now_ms += DAY_MS + 1
+        with pytest.raises(ArchiveError, match=r"cannot write the feed archive .*not-a-folder"):
+            await run_retention(store, now_ms=clock(), archive_dir=blocked)
+        report = await run_retention(store, now_ms=clock(), dry_run=True)
+        assert sum(report.trim.trimmed.values()) == 5
     finally:
         await store.close()
 
