@@ -14,10 +14,12 @@ cannot differ per call inside one shared process:
 - a function whose signature declares an ``idempotency_key`` parameter receives it as that
   keyword argument.
 
-The return value is converted to JSON-able builtins (``msgspec.to_builtins``: Structs,
-dataclasses, sets, datetimes...). A function that cannot be imported, or ``args`` that do not fit
-its signature, are non-retryable :class:`AgentInputError`. Modules are imported in a worker
-thread, so a slow first import does not stall the runner's other work.
+The return value is converted to JSON values (as ``msgspec.json`` encodes Structs,
+dataclasses, sets, datetimes...; map keys become strings, NaN and infinities null), the values
+every other agent's output has: the log then holds what its JSON export gives back. A function
+that cannot be imported, or ``args`` that do not fit its signature, are non-retryable
+:class:`AgentInputError`. Modules are imported in a worker thread, so a slow first import does
+not stall the runner's other work.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from services.agents.base import (
 
 #: The keyword argument that carries the idempotency key into functions that declare it.
 IDEMPOTENCY_PARAMETER: Final = "idempotency_key"
+_JSON_ENCODER: Final = msgspec.json.Encoder()
+_JSON_DECODER: Final = msgspec.json.Decoder()
 
 
 class _PythonInputs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -76,8 +80,8 @@ class PythonAgent:
                     "SystemExit", f"{spec.function} called sys.exit({exc.code!r})", retryable=False
                 ) from exc
         try:
-            return msgspec.to_builtins(result)
-        except TypeError as exc:
+            return _JSON_DECODER.decode(_JSON_ENCODER.encode(result))
+        except (TypeError, msgspec.EncodeError) as exc:
             raise AgentError(
                 "AgentOutputError",
                 f"{spec.function} returned a value that is not JSON-able: {exc}",

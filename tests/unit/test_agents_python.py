@@ -69,6 +69,10 @@ def tags():
     return {"b", "a"}
 
 
+def stats():
+    return {7: "seven", "mean": float("nan"), "items": (1, 2)}
+
+
 def opaque():
     return object()
 
@@ -167,10 +171,13 @@ async def test_the_idempotency_key_cannot_be_passed_as_an_argument(targets: str)
         await PythonAgent().run(inputs, CTX)
 
 
-async def test_outputs_become_json_builtins(targets: str) -> None:
+async def test_outputs_become_json_values(targets: str) -> None:
     agent = PythonAgent()
     assert await agent.run({"function": f"{targets}:point"}, CTX) == {"x": 1, "y": 2}
     assert sorted(await agent.run({"function": f"{targets}:tags"}, CTX)) == ["a", "b"]
+    # what JSON keeps, so that the log and its JSON lines export hold the same output
+    stats = await agent.run({"function": f"{targets}:stats"}, CTX)
+    assert stats == {"7": "seven", "mean": None, "items": [1, 2]}
 
 
 async def test_an_output_that_is_not_json_able_is_a_non_retryable_error(targets: str) -> None:
