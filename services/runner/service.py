@@ -356,7 +356,12 @@ class RunnerService:
         try:
             await self.store.append_many(facts)
         except EventRejected:
-            return [[await self._append(e) for e in request.events][-1] for request in facts]
+            outcomes = []
+            for request in facts:
+                for event in request.events:
+                    recorded = await self._append(event)
+                outcomes.append(recorded)
+            return outcomes
         return [request.events[-1] for request in facts]
 
     def _ack_commit(self, subscription: Subscription) -> GroupCommit[Delivery, None]:

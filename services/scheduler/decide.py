@@ -200,6 +200,8 @@ class _Decider:
     # --- helpers -------------------------------------------------------------------------------
 
     def has_slot(self) -> bool:
+        """Whether ``max_parallel`` leaves room for one more unit; when not, the pass is
+        marked :attr:`blocked` (see :meth:`run`)."""
         limit = self.definition.max_parallel
         if limit is None or self.state.in_flight < limit:
             return True

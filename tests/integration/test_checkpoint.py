@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from support.definitions import DIAMOND
 from support.processes import REPO
 from support.redis_server import RedisServer, isolated
 
@@ -61,16 +62,6 @@ steps:
     depends_on: [first]
     with: {value: "${{ iteration }}"}
     loop: {until: "output >= 1000000", max_iterations: 100000}
-"""
-
-DIAMOND = """
-name: diamond
-steps:
-  - {id: start, agent: echo, with: {value: 0}}
-  - {id: a, agent: echo, with: {value: 1}, depends_on: [start]}
-  - {id: b, agent: echo, with: {value: 2}, depends_on: [start]}
-  - {id: c, agent: echo, with: {value: 3}, depends_on: [start]}
-  - {id: join, agent: echo, with: {value: 4}, depends_on: [a, b, c]}
 """
 
 #: What a simulated agent without a ``value`` input returns (fields the examples refer to).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from support.definitions import DIAMOND
 
 from eventstore.events import (
     Envelope,
@@ -25,15 +26,6 @@ from services.workflow.model import WorkflowDef
 
 pytestmark = pytest.mark.anyio
 
-DIAMOND = """
-name: diamond
-steps:
-  - {id: start, agent: echo, with: {value: 0}}
-  - {id: a, agent: echo, with: {value: 1}, depends_on: [start]}
-  - {id: b, agent: echo, with: {value: 2}, depends_on: [start]}
-  - {id: c, agent: echo, with: {value: 3}, depends_on: [start]}
-  - {id: join, agent: echo, with: {value: 4}, depends_on: [a, b, c]}
-"""
 RUN = "run-x"
 
 

@@ -39,6 +39,7 @@ from services.runner.service import RunnerService, group_for
 from services.scheduler.service import SchedulerService
 from services.settings import Settings
 from services.workflow.loader import parse_definition
+from services.workflow.model import WorkflowDef
 
 pytestmark = pytest.mark.anyio
 
@@ -126,14 +127,21 @@ async def _started(store: MemoryStore, *steps: str) -> None:
     await watcher.close()
 
 
+def runner_settings(**runner: Any) -> Settings:
+    """In-memory settings with these runner settings."""
+    return Settings.model_validate({"redis_url": None, "http_port": 0, "runner": runner})
+
+
 def one_worker(heartbeat_s: float) -> Settings:
     """In-memory settings for a runner with a single worker."""
-    return Settings.model_validate(
-        {
-            "redis_url": None,
-            "http_port": 0,
-            "runner": {"concurrency": 1, "heartbeat_s": heartbeat_s},
-        }
+    return runner_settings(concurrency=1, heartbeat_s=heartbeat_s)
+
+
+def sleepers(first_s: float, second_s: float) -> WorkflowDef:
+    """Two independent ``sleep`` steps, ``one`` and ``two``."""
+    return parse_definition(
+        f"name: pair\nsteps:\n  - {{id: one, agent: sleep, with: {{seconds: {first_s}}}}}\n"
+        f"  - {{id: two, agent: sleep, with: {{seconds: {second_s}}}}}\n"
     )
 
 
@@ -196,18 +204,14 @@ async def test_steps_waiting_for_a_worker_are_heartbeated() -> None:
     store = TouchWatch()
     settings = one_worker(heartbeat_s=0.05)
     producer = Producer("test")
-    pair = parse_definition(
-        "name: pair\nsteps:\n  - {id: busy, agent: sleep, with: {seconds: 600}}\n"
-        "  - {id: next, agent: sleep, with: {seconds: 0}}\n"
-    )
     async with running(store, settings, ("scheduler", "runner")):
-        run = await commands.submit(store, producer, pair)
-        # Both steps are fetched together; "next" waits for the only worker, and its entry is
+        run = await commands.submit(store, producer, sleepers(600, 0))
+        # Both steps are fetched together; "two" waits for the only worker, and its entry is
         # kept from looking abandoned all the same.
         with anyio.fail_after(30):
-            await store.wait_touched("next")
-        assert await _step_status(store, run.run_id, "busy") == "running"
-        assert await _step_status(store, run.run_id, "next") == "scheduled"
+            await store.wait_touched("two")
+        assert await _step_status(store, run.run_id, "one") == "running"
+        assert await _step_status(store, run.run_id, "two") == "scheduled"
         await commands.cancel(store, producer, run.run_id)
         assert (await commands.wait(store, run.run_id, timeout_s=30)).status == "cancelled"
 
@@ -349,20 +353,10 @@ async def test_a_step_queued_for_its_agents_bulkhead_is_not_started_yet() -> Non
     """A step's start is recorded when it gets a bulkhead slot, not while it waits for one:
     its timeout counts from there, and the timeline shows when it really began."""
     store = TouchWatch()
-    settings = Settings.model_validate(
-        {
-            "redis_url": None,
-            "http_port": 0,
-            "runner": {"heartbeat_s": 0.05, "bulkhead": {"sleep": 1}},
-        }
-    )
+    settings = runner_settings(heartbeat_s=0.05, bulkhead={"sleep": 1})
     producer = Producer("test")
-    pair = parse_definition(
-        "name: pair\nsteps:\n  - {id: one, agent: sleep, with: {seconds: 600}}\n"
-        "  - {id: two, agent: sleep, with: {seconds: 600}}\n"
-    )
     async with running(store, settings, ("scheduler", "runner")):
-        run = await commands.submit(store, producer, pair)
+        run = await commands.submit(store, producer, sleepers(600, 600))
         # one of them has started, and both are in the runner's hands (heartbeated)
         await _started(store, "one", "two")
         with anyio.fail_after(30):
